@@ -1,0 +1,26 @@
+"""pisces_fast: kernel-accelerated OT-aligned rewards for text-to-video post-training (PISCES).
+
+The top level re-exports the op family; rewards, training, eval and data are imported from their
+subpackages (they pull in transformers/diffusers, which a kernel user should not have to load).
+"""
+from .ops import (
+    OTAttention,
+    available_backends,
+    fuse_attention,
+    ot_attention,
+    sinkhorn_unbalanced,
+    spatiotemporal_cost,
+    video_token_positions,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OTAttention",
+    "available_backends",
+    "fuse_attention",
+    "ot_attention",
+    "sinkhorn_unbalanced",
+    "spatiotemporal_cost",
+    "video_token_positions",
+]
