@@ -1,0 +1,1 @@
+"""Post-training: consistency distillation + reward, GRPO, discriminator-free DPO (LoRA, DeepSpeed)."""

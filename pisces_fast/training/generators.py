@@ -1,0 +1,592 @@
+"""Video generators over diffusers: the denoiser, its noise schedule, a video codec (VAE) and a text encoder.
+
+Two families share one interface (`VideoGenerator`):
+- epsilon prediction, `UNet3DConditionModel` (VideoCrafter2 / ModelScope), DDPM/DDIM alphas_cumprod schedule;
+- flow matching, `HunyuanVideoTransformer3DModel` and `WanTransformer3DModel`, sigma in (0, 1] with
+  x_sigma = (1 - sigma) x0 + sigma * noise and velocity target v = noise - x0.
+
+Latents are always (B, C, F, h, w); pixel videos are (B, T, 3, H, W) in [0, 1] (the reward interface).
+`load_generator` reads a diffusers-format directory (unet/ or transformer/, scheduler/, optional vae/,
+text_encoder/ + tokenizer/); `build_tiny_generator` makes small random models for tests and CI;
+`save_generator` writes the directory layout that `load_generator` reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TextConditioning:
+    embeds: torch.Tensor  # (B, L, D)
+    mask: torch.Tensor  # (B, L) bool
+    pooled: torch.Tensor  # (B, P)
+
+    def repeat(self, n: int) -> "TextConditioning":
+        return TextConditioning(self.embeds.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0),
+                                self.pooled.repeat_interleave(n, 0))
+
+    def cat(self, other: "TextConditioning") -> "TextConditioning":
+        return TextConditioning(torch.cat([self.embeds, other.embeds]), torch.cat([self.mask, other.mask]),
+                                torch.cat([self.pooled, other.pooled]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# text encoders
+
+
+class HashTextEncoder(nn.Module):
+    """A tiny frozen text encoder for small worlds: words hashed (crc32) into an embedding table + positions.
+
+    No tokenizer files are needed, so it can ship inside a few-MB model directory; a BOS token is always
+    present so that no prompt (not even "") has an all-masked sequence.
+    """
+
+    def __init__(self, dim: int = 16, pooled_dim: int = 8, vocab_size: int = 1024, max_length: int = 16):
+        super().__init__()
+        self.config = {"dim": dim, "pooled_dim": pooled_dim, "vocab_size": vocab_size, "max_length": max_length}
+        self.token = nn.Embedding(vocab_size + 1, dim)  # last id = BOS
+        self.position = nn.Parameter(torch.zeros(max_length, dim))
+        self.pool = nn.Linear(dim, pooled_dim)
+        nn.init.normal_(self.position, std=0.1)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        L, V = self.config["max_length"], self.config["vocab_size"]
+        ids = torch.zeros(len(prompts), L, dtype=torch.long)
+        mask = torch.zeros(len(prompts), L, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            words = [V] + [zlib.crc32(w.encode()) % V for w in p.lower().replace(",", " ").split()]
+            words = words[:L]
+            ids[i, : len(words)] = torch.tensor(words)
+            mask[i, : len(words)] = True
+        return ids, mask
+
+    def forward(self, prompts: list[str]) -> TextConditioning:
+        ids, mask = self.tokenize(prompts)
+        dev = self.position.device
+        ids, mask = ids.to(dev), mask.to(dev)
+        x = (self.token(ids) + self.position[None]) * mask[..., None]
+        pooled = self.pool(x.sum(1) / mask.sum(1, keepdim=True))
+        return TextConditioning(x, mask, pooled)
+
+    def save(self, directory: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as fh:
+            json.dump({"_class_name": "HashTextEncoder", **self.config}, fh, indent=1)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(directory, "model.safetensors"))
+
+    @classmethod
+    def load(cls, directory: str) -> "HashTextEncoder":
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, "config.json")) as fh:
+            cfg = json.load(fh)
+        cfg.pop("_class_name")
+        enc = cls(**cfg)
+        enc.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+        return enc
+
+
+class TransformersTextEncoder(nn.Module):
+    """A transformers encoder (CLIPTextModel, T5EncoderModel, UMT5EncoderModel, ...) plus its tokenizer."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int, pooled_dim: Optional[int] = None):
+        super().__init__()
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.pooled_dim = pooled_dim
+
+    def forward(self, prompts: list[str]) -> TextConditioning:
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        dev = next(self.model.parameters()).device
+        ids, mask = tok["input_ids"].to(dev), tok["attention_mask"].to(dev).bool()
+        out = self.model(input_ids=ids, attention_mask=mask.long())
+        hidden = out.last_hidden_state
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        if self.pooled_dim is not None and pooled.shape[-1] != self.pooled_dim:
+            pooled = pooled[..., : self.pooled_dim]
+        return TextConditioning(hidden, mask, pooled)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# video codecs: pixels (B,T,3,H,W) in [0,1]  <->  latents (B,C,F,h,w)
+
+
+class PixelCodec(nn.Module):
+    """Identity "VAE" for pixel-space tiny models: latents are the video mapped to [-1, 1]."""
+
+    per_frame = True
+    latent_channels = 3
+    spatial_factor = 1
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return (video * 2 - 1).permute(0, 2, 1, 3, 4)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((latents.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
+
+
+class FrameVAECodec(nn.Module):
+    """A 2-D `AutoencoderKL` applied frame by frame (VideoCrafter2 / ModelScope)."""
+
+    per_frame = True
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.latent_channels = vae.config.latent_channels
+        self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+        self.shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        B, T = video.shape[:2]
+        frames = (video.flatten(0, 1) * 2 - 1).to(self.vae.dtype)
+        z = self.vae.encode(frames).latent_dist.mode()
+        z = (z.float() - self.shift) * self.scale
+        return z.unflatten(0, (B, T)).permute(0, 2, 1, 3, 4)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        B, C, F = latents.shape[:3]
+        z = latents.permute(0, 2, 1, 3, 4).flatten(0, 1) / self.scale + self.shift
+        x = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        return ((x.unflatten(0, (B, F)) + 1) / 2).clamp(0, 1)
+
+
+class VideoVAECodec(nn.Module):
+    """A 3-D video VAE (AutoencoderKLHunyuanVideo, AutoencoderKLWan, ...) on (B, 3, T, H, W) in [-1, 1]."""
+
+    per_frame = False
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        cfg = vae.config
+        self.latent_channels = getattr(cfg, "latent_channels", None) or getattr(cfg, "z_dim")
+        self.spatial_factor = getattr(cfg, "spatial_compression_ratio", None) or getattr(vae, "spatial_compression_ratio", 8)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1, 1) if mean else torch.zeros(1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1, 1) if std else torch.ones(1), persistent=False)
+        self.scale = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        x = (video * 2 - 1).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mode().float()
+        return (z - self.mean) / self.std * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.scale * self.std + self.mean
+        x = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        return ((x.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
+
+
+def strided_frame_indices(num_frames: int, wanted: Optional[int]) -> list[int]:
+    """`wanted` frames spread evenly over `num_frames` (all frames when wanted is None or too large)."""
+    if wanted is None or wanted >= num_frames:
+        return list(range(num_frames))
+    return torch.linspace(0, num_frames - 1, wanted).round().long().tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the generator
+
+
+class VideoGenerator:
+    """A text-to-video diffusion model split into the trainable denoiser and frozen helpers.
+
+    `prediction` is "epsilon" (UNet3D) or "flow" (Hunyuan/Wan). The denoiser is called through
+    `denoise(forward, ...)`, where `forward` is whatever runs the module (the module itself, or a DeepSpeed
+    engine wrapping it), so the same code serves plain torch and ZeRO-2/3.
+    """
+
+    def __init__(self, arch: str, denoiser: nn.Module, scheduler, codec: nn.Module, text_encoder: nn.Module,
+                 num_frames: int, height: int, width: int, dtype: torch.dtype = torch.float32):
+        if arch not in ("unet3d", "hunyuan", "wan"):
+            raise ValueError(f"arch: expected 'unet3d', 'hunyuan' or 'wan', got {arch!r}")
+        self.arch, self.denoiser, self.scheduler = arch, denoiser, scheduler
+        self.codec, self.text_encoder = codec, text_encoder
+        self.prediction = "epsilon" if arch == "unet3d" else "flow"
+        self.num_frames, self.height, self.width = num_frames, height, width
+        self.dtype = dtype
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        if self.prediction == "epsilon":
+            pt = scheduler.config.get("prediction_type", "epsilon")
+            if pt != "epsilon":
+                raise ValueError(f"scheduler prediction_type: only 'epsilon' is supported for UNet3D, got {pt!r}")
+            self.alphas_cumprod = scheduler.alphas_cumprod.float()
+        self.guidance_embeds = bool(getattr(denoiser.config, "guidance_embeds", False))
+        for module in (codec, text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+
+    # -- shapes -------------------------------------------------------------------------------------------
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        f = self.codec.spatial_factor
+        frames = self.num_frames
+        if not self.codec.per_frame:  # causal video VAEs: 1 + (T - 1) / 4 latent frames
+            ratio = getattr(self.codec.vae.config, "temporal_compression_ratio", None) or 4
+            frames = 1 + (self.num_frames - 1) // ratio
+        return (batch, self.codec.latent_channels, frames, self.height // f, self.width // f)
+
+    def to(self, device) -> "VideoGenerator":
+        self.denoiser.to(device)
+        self.codec.to(device)
+        self.text_encoder.to(device)
+        if self.prediction == "epsilon":
+            self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    # -- text and video -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> TextConditioning:
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+        c = self.text_encoder(list(prompts))
+        return TextConditioning(c.embeds.float(), c.mask, c.pooled.float())
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        check_video(video, "video")
+        return self.codec.encode(video.to(self.device)).float()
+
+    def decode_latents(self, latents: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
+        """Latents -> (B, T', 3, H, W) in [0, 1], differentiable. Frame subsampling happens before decoding
+        for per-frame codecs (cheap, as T2V-Turbo does) and after it for temporal video VAEs."""
+        if self.codec.per_frame:
+            idx = strided_frame_indices(latents.shape[2], num_frames)
+            return self.codec.decode(latents[:, :, idx])
+        video = self.codec.decode(latents)
+        return video[:, strided_frame_indices(video.shape[1], num_frames)]
+
+    # -- denoiser -----------------------------------------------------------------------------------------
+    def denoise(self, forward: Callable, latents: torch.Tensor, t: torch.Tensor, text: TextConditioning,
+                guidance: Optional[float] = None) -> torch.Tensor:
+        """Raw model output (epsilon or velocity), float32. `t`: integer timesteps (epsilon) or sigmas (flow)."""
+        B = latents.shape[0]
+        t = t.reshape(-1).expand(B) if t.numel() == 1 else t.reshape(B)
+        x = latents.to(self.dtype)
+        ehs = text.embeds.to(self.dtype)
+        if self.arch == "unet3d":
+            out = forward(sample=x, timestep=t.long(), encoder_hidden_states=ehs, return_dict=False)[0]
+        elif self.arch == "hunyuan":
+            g = torch.full((B,), float(guidance if guidance is not None else 1.0) * 1000.0, device=x.device, dtype=self.dtype)
+            out = forward(hidden_states=x, timestep=(t * 1000).to(self.dtype), encoder_hidden_states=ehs,
+                          encoder_attention_mask=text.mask, pooled_projections=text.pooled.to(self.dtype),
+                          guidance=g if self.guidance_embeds else None, return_dict=False)[0]
+        else:
+            out = forward(hidden_states=x, timestep=(t * 1000).to(self.dtype), encoder_hidden_states=ehs,
+                          return_dict=False)[0]
+        return out.float()
+
+    def guided(self, forward: Callable, latents: torch.Tensor, t: torch.Tensor, cond: TextConditioning,
+               uncond: TextConditioning, scale: float) -> torch.Tensor:
+        """Classifier-free guidance out = u + w (c - u) (= c + (w-1)(c-u)); guidance-distilled models
+        (Hunyuan with guidance_embeds) take w as an input instead of a second pass."""
+        if self.guidance_embeds:
+            return self.denoise(forward, latents, t, cond, guidance=scale)
+        if scale == 1.0:
+            return self.denoise(forward, latents, t, cond)
+        both = self.denoise(forward, torch.cat([latents, latents]), torch.cat([t.reshape(-1).expand(latents.shape[0])] * 2),
+                            cond.cat(uncond))
+        c, u = both.chunk(2)
+        return u + scale * (c - u)
+
+    # -- schedule -----------------------------------------------------------------------------------------
+    def alpha_at(self, like: torch.Tensor, t) -> torch.Tensor:
+        """alphas_cumprod[t] broadcast to `like`; t < 0 means the end of the chain (final_alpha_cumprod)."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long().reshape(-1)
+        final = float(getattr(self.scheduler, "final_alpha_cumprod", self.alphas_cumprod[0]))
+        ab = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.full_like(t, 0, dtype=torch.float32) + final)
+        return bcast(ab, like)
+
+    def x0_from_output(self, latents: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            ab = bcast(self.alphas_cumprod[t.long()], latents)
+            return (latents - (1 - ab).sqrt() * out) / ab.sqrt()
+        return latents - bcast(t, latents) * out
+
+    def eps_from_output(self, latents: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            return out
+        return latents + (1 - bcast(t, latents)) * out  # flow: eps = x + (1 - sigma) v
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            ab = bcast(self.alphas_cumprod[t.long()], x0)
+            return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        s = bcast(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise if self.prediction == "epsilon" else noise - x0
+
+    def sample_train_t(self, batch: int, device) -> torch.Tensor:
+        """Uniform training timesteps (epsilon) or sigmas from the scheduler's shifted grid (flow)."""
+        if self.prediction == "epsilon":
+            return torch.randint(0, self.num_train_timesteps, (batch,), device=device)
+        grid = self.flow_sigmas(self.num_train_timesteps)[:-1].to(device)
+        return grid[torch.randint(0, len(grid), (batch,), device=device)]
+
+    def flow_sigmas(self, num_steps: int) -> torch.Tensor:
+        """Decreasing sigmas of an n-step flow sampler, ending with 0 (scheduler's shift applied)."""
+        self.scheduler.set_timesteps(num_steps)
+        return self.scheduler.sigmas.float().clone()
+
+    def sampling_timesteps(self, num_steps: int) -> torch.Tensor:
+        """Decreasing timesteps (epsilon, DDIM 'leading' spacing) or sigmas incl. the final 0 (flow)."""
+        if self.prediction == "epsilon":
+            self.scheduler.set_timesteps(num_steps)
+            return self.scheduler.timesteps.long().clone()
+        return self.flow_sigmas(num_steps)
+
+    @torch.no_grad()
+    def sample(self, forward: Callable, prompts: list[str], num_steps: int, guidance_scale: float = 1.0,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Deterministic sampler (DDIM eta=0 / flow Euler ODE) -> pixel video (B, T, 3, H, W)."""
+        from .diffusion_math import ddim_step
+
+        cond = self.encode_text(prompts)
+        uncond = self.encode_text([""] * len(prompts))
+        x = torch.randn(self.latent_shape(len(prompts)), generator=generator).to(self.device)
+        ts = self.sampling_timesteps(num_steps).to(self.device)
+        if self.prediction == "epsilon":
+            ratio = self.num_train_timesteps // num_steps
+            for t in ts:
+                out = self.guided(forward, x, t, cond, uncond, guidance_scale)
+                x = ddim_step(self.alpha_at(x, t), self.alpha_at(x, t - ratio), x, out)
+        else:
+            for i in range(len(ts) - 1):
+                v = self.guided(forward, x, ts[i], cond, uncond, guidance_scale)
+                x = x + (ts[i + 1] - ts[i]) * v
+        return self.decode_latents(x)
+
+
+def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    v = torch.as_tensor(v, device=like.device, dtype=torch.float32)
+    if v.dim() == 0:
+        v = v.expand(like.shape[0])
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def check_video(video, name: str) -> None:
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(video).__name__}")
+    if video.dim() != 5 or video.shape[2] != 3:
+        raise ValueError(f"{name}: expected shape (B, T, 3, H, W), got {tuple(video.shape)}")
+    if video.numel() == 0:
+        raise ValueError(f"{name}: empty tensor {tuple(video.shape)}")
+    if not video.is_floating_point():
+        raise TypeError(f"{name}: expected a floating tensor in [0, 1], got {video.dtype}")
+    if not torch.isfinite(video).all():
+        raise ValueError(f"{name}: contains NaN or Inf")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building and loading
+
+
+def tiny_denoiser(arch: str, in_channels: int, text_dim: int = 16, pooled_dim: int = 8) -> nn.Module:
+    """The tiny random configs from the environment notes (fwd+bwd well under a second on CPU)."""
+    if arch == "unet3d":
+        from diffusers import UNet3DConditionModel
+
+        return UNet3DConditionModel(
+            sample_size=16, in_channels=in_channels, out_channels=in_channels,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, cross_attention_dim=text_dim,
+            attention_head_dim=8)
+    if arch == "hunyuan":
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        return HunyuanVideoTransformer3DModel(
+            in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+            num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+            text_embed_dim=text_dim, pooled_projection_dim=pooled_dim, rope_axes_dim=(4, 6, 6))
+    if arch == "wan":
+        from diffusers import WanTransformer3DModel
+
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
+            out_channels=in_channels, text_dim=text_dim, freq_dim=32, ffn_dim=64, num_layers=1, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    raise ValueError(f"arch: expected 'unet3d', 'hunyuan' or 'wan', got {arch!r}")
+
+
+def tiny_scheduler(arch: str):
+    if arch == "unet3d":
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def build_tiny_generator(arch: str = "unet3d", vae: str = "pixel", num_frames: int = 8, height: int = 16, width: int = 16,
+                         seed: int = 0, text_max_length: int = 16, dtype: str = "float32") -> VideoGenerator:
+    """A small random generator (tests, CI, the embedded world's starting point)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # tiny weights depend on `seed` only, never on the training RNG stream
+    try:
+        if vae == "pixel":
+            codec: nn.Module = PixelCodec()
+        elif vae == "tiny_kl":
+            from diffusers import AutoencoderKL
+
+            codec = FrameVAECodec(AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+                norm_num_groups=4, sample_size=max(height, width)))
+        else:
+            raise ValueError(f"vae: expected 'pixel' or 'tiny_kl', got {vae!r}")
+        text = HashTextEncoder(dim=16, pooled_dim=8, max_length=text_max_length)
+        denoiser = tiny_denoiser(arch, codec.latent_channels)
+    finally:
+        torch.random.set_rng_state(state)
+    if dtype != "float32":
+        denoiser.to(_DTYPES[dtype])
+    return VideoGenerator(arch, denoiser, tiny_scheduler(arch), codec, text, num_frames, height, width, _DTYPES[dtype])
+
+
+def _class_name(directory: str) -> str:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model directory: missing {path}")
+    with open(path) as fh:
+        return json.load(fh).get("_class_name", "")
+
+
+def load_generator(path: str, num_frames: int = 8, height: Optional[int] = None, width: Optional[int] = None,
+                   dtype: str = "float32", text_max_length: int = 16) -> VideoGenerator:
+    """Load a diffusers-format directory. Layout:
+
+        unet/ (UNet3DConditionModel) or transformer/ (HunyuanVideo/Wan transformer), scheduler/,
+        vae/ (optional; absent = pixel space), text_encoder/ (+ tokenizer/ for transformers encoders,
+        or our HashTextEncoder config), optional pisces_generator.json {"num_frames", "height", "width"}.
+    """
+    import diffusers
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path: directory not found: {path}")
+    torch_dtype = _DTYPES[dtype]
+    meta = {}
+    if os.path.isfile(os.path.join(path, "pisces_generator.json")):
+        with open(os.path.join(path, "pisces_generator.json")) as fh:
+            meta = json.load(fh)
+    if os.path.isdir(os.path.join(path, "unet")):
+        sub, arch = "unet", "unet3d"
+        cls = _class_name(os.path.join(path, "unet"))
+        if cls not in ("UNet3DConditionModel", ""):
+            raise ValueError(f"model path {path}: unet/ holds {cls}, expected UNet3DConditionModel")
+        denoiser = diffusers.UNet3DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype)
+    elif os.path.isdir(os.path.join(path, "transformer")):
+        sub = "transformer"
+        cls = _class_name(os.path.join(path, sub))
+        arch = {"HunyuanVideoTransformer3DModel": "hunyuan", "WanTransformer3DModel": "wan"}.get(cls)
+        if arch is None:
+            raise ValueError(f"model path {path}: transformer/ holds {cls!r}; supported: HunyuanVideoTransformer3DModel, "
+                             "WanTransformer3DModel")
+        denoiser = getattr(diffusers, cls).from_pretrained(path, subfolder=sub, torch_dtype=torch_dtype)
+    else:
+        raise FileNotFoundError(f"model path {path}: expected a unet/ or transformer/ subfolder")
+    sched_dir = os.path.join(path, "scheduler")
+    if not os.path.isdir(sched_dir):
+        raise FileNotFoundError(f"model path {path}: missing scheduler/ subfolder")
+    with open(os.path.join(sched_dir, "scheduler_config.json")) as fh:
+        sched_cls = json.load(fh).get("_class_name")
+    if arch == "unet3d":
+        scheduler = diffusers.DDIMScheduler.from_pretrained(path, subfolder="scheduler")  # teacher = DDIM, any DDPM-family config
+    else:
+        scheduler = getattr(diffusers, sched_cls or "FlowMatchEulerDiscreteScheduler").from_pretrained(path, subfolder="scheduler")
+    vae_dir = os.path.join(path, "vae")
+    if os.path.isdir(vae_dir):
+        vcls = _class_name(vae_dir)
+        vae = getattr(diffusers, vcls).from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
+        codec: nn.Module = FrameVAECodec(vae) if vcls == "AutoencoderKL" else VideoVAECodec(vae)
+    else:
+        codec = PixelCodec()
+    te_dir = os.path.join(path, "text_encoder")
+    if not os.path.isdir(te_dir):
+        raise FileNotFoundError(f"model path {path}: missing text_encoder/ subfolder")
+    if _class_name(te_dir) == "HashTextEncoder":
+        text = HashTextEncoder.load(te_dir)
+    else:
+        import transformers
+
+        tok_dir = os.path.join(path, "tokenizer")
+        if not os.path.isdir(tok_dir):
+            raise FileNotFoundError(f"model path {path}: text_encoder/ needs a tokenizer/ subfolder")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+        te = transformers.AutoModel.from_pretrained(te_dir, torch_dtype=torch_dtype)
+        if hasattr(te, "get_encoder") and getattr(te.config, "is_encoder_decoder", False):
+            te = te.get_encoder()
+        text = TransformersTextEncoder(te, tokenizer, text_max_length,
+                                       getattr(denoiser.config, "pooled_projection_dim", None))
+    h = height or meta.get("height") or 16
+    w = width or meta.get("width") or 16
+    frames = meta.get("num_frames", num_frames) if num_frames is None else num_frames
+    return VideoGenerator(arch, denoiser, scheduler, codec, text, frames, h, w, torch_dtype)
+
+
+def save_generator(gen: VideoGenerator, path: str) -> None:
+    """Write `gen` as a directory `load_generator` reads (denoiser without LoRA layers: merge or strip first)."""
+    os.makedirs(path, exist_ok=True)
+    gen.denoiser.save_pretrained(os.path.join(path, "unet" if gen.arch == "unet3d" else "transformer"))
+    gen.scheduler.save_pretrained(os.path.join(path, "scheduler"))
+    if isinstance(gen.codec, (FrameVAECodec, VideoVAECodec)):
+        gen.codec.vae.save_pretrained(os.path.join(path, "vae"))
+    if isinstance(gen.text_encoder, HashTextEncoder):
+        gen.text_encoder.save(os.path.join(path, "text_encoder"))
+    else:
+        gen.text_encoder.model.save_pretrained(os.path.join(path, "text_encoder"))
+        gen.text_encoder.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    with open(os.path.join(path, "pisces_generator.json"), "w") as fh:
+        json.dump({"num_frames": gen.num_frames, "height": gen.height, "width": gen.width}, fh)
+
+
+def generator_from_config(model_cfg) -> VideoGenerator:
+    if model_cfg.tiny is not None:
+        gen = build_tiny_generator(model_cfg.tiny, model_cfg.tiny_vae, model_cfg.num_frames, model_cfg.height,
+                                   model_cfg.width, model_cfg.init_seed, model_cfg.text_max_length, model_cfg.dtype)
+    else:
+        gen = load_generator(model_cfg.path, model_cfg.num_frames, model_cfg.height, model_cfg.width, model_cfg.dtype,
+                             model_cfg.text_max_length)
+    if model_cfg.gradient_checkpointing:
+        gen.denoiser.enable_gradient_checkpointing()
+    set_attention_backend(gen.denoiser, model_cfg.attention_backend)
+    return gen
+
+
+def set_attention_backend(denoiser: nn.Module, backend: Optional[str]) -> Optional[str]:
+    """flash-attn for the denoiser on CUDA when installed ("auto"), or a named diffusers backend."""
+    import importlib.util
+    import warnings
+
+    if backend is None:
+        return None
+    if backend == "auto":
+        if not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None):
+            return None
+        backend = "flash"
+    try:
+        denoiser.set_attention_backend(backend)
+        return backend
+    except Exception as exc:  # noqa: BLE001 - older processors (UNet3D) may not support dispatch backends
+        warnings.warn(f"attention backend {backend!r} not applied to {type(denoiser).__name__}: {exc}")
+        return None
