@@ -19,6 +19,7 @@ import yaml
 MODES = ("cd", "grpo", "dpo")
 TINY_ARCHS = ("unet3d", "hunyuan", "wan")
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_KINDS = ("synthetic", "shapes", "file")
 
 
 @dataclass
@@ -141,6 +142,26 @@ class ValidationConfig:
 
 
 @dataclass
+class WorldJobConfig:
+    """The embedded-world main job (pisces_fast.training.world_job): OT-map fit, before/after evaluation."""
+    enabled: bool = False
+    # A saved world VLM directory; None = the one shipped with the package.
+    vlm: Optional[str] = None
+    # Algorithm 2 on the world: how many real train clips to embed, and the fit's budget.
+    ot_map_clips: int = 1024
+    ot_map_steps: int = 300
+    ot_map_inner_steps: int = 5
+    ot_map_lr: float = 1e-3
+    ot_map_hidden: int = 128
+    # Evaluation on held-out prompts: distinct prompts, sampling seeds per prompt, DDIM steps, guidance.
+    eval_prompts: int = 16
+    eval_seeds: list = field(default_factory=lambda: [0, 1])
+    eval_steps: int = 20
+    eval_guidance: float = 3.0
+    eval_seed: int = 0
+
+
+@dataclass
 class TrainConfig:
     mode: str = "cd"
     output_dir: str = "outputs/run"
@@ -164,6 +185,7 @@ class TrainConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    world: WorldJobConfig = field(default_factory=WorldJobConfig)
     # Directory of the YAML file, for resolving relative paths inside it (not a user setting).
     config_dir: Optional[str] = None
 
@@ -198,7 +220,7 @@ class TrainConfig:
         if self.lora.init_from is not None and not os.path.exists(self.resolve_path(self.lora.init_from)):
             raise FileNotFoundError(f"config `lora.init_from`: file not found: {self.resolve_path(self.lora.init_from)}")
         d = self.data
-        need(d.kind in ("synthetic", "file"), "data.kind", "'synthetic' or 'file'", d.kind)
+        need(d.kind in DATA_KINDS, "data.kind", f"one of {DATA_KINDS}", d.kind)
         if d.kind == "file":
             need(d.path is not None, "data.path", "a CSV or JSONL file when data.kind is 'file'", d.path)
             if not os.path.isfile(self.resolve_path(d.path)):
@@ -244,6 +266,14 @@ class TrainConfig:
              "'constant', 'linear' or 'cosine'", o.lr_scheduler)
         need(len(o.betas) == 2, "optim.betas", "a list of two numbers", o.betas)
         need(o.max_grad_norm >= 0, "optim.max_grad_norm", "a number >= 0 (0 disables clipping)", o.max_grad_norm)
+        w = self.world
+        for name in ("ot_map_clips", "ot_map_steps", "ot_map_inner_steps", "ot_map_hidden", "eval_prompts", "eval_steps"):
+            need(getattr(w, name) >= 1, f"world.{name}", "an integer >= 1", getattr(w, name))
+        need(w.ot_map_lr > 0, "world.ot_map_lr", "a positive number", w.ot_map_lr)
+        need(len(w.eval_seeds) >= 1 and all(isinstance(x, int) for x in w.eval_seeds), "world.eval_seeds",
+             "a non-empty list of ints", w.eval_seeds)
+        if w.vlm is not None and not os.path.isdir(self.resolve_path(w.vlm)):
+            raise FileNotFoundError(f"config `world.vlm`: directory not found: {self.resolve_path(w.vlm)}")
         v = self.validation
         need(v.format in ("gif", "mp4"), "validation.format", "'gif' or 'mp4'", v.format)
         need(v.every >= 0, "validation.every", "an integer >= 0", v.every)

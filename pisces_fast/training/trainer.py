@@ -35,10 +35,15 @@ def build_dataset(cfg: TrainConfig):
     m, d = cfg.model, cfg.data
     if d.kind == "synthetic":
         return SyntheticVideoDataset(d.synthetic_size, m.num_frames, m.height, m.width, seed=cfg.seed)
+    if d.kind == "shapes":
+        from pisces_fast.data.shapes import ShapesDataset, WorldConfig
+
+        return ShapesDataset(d.synthetic_size, "train", seed=cfg.seed,
+                             config=WorldConfig(num_frames=m.num_frames, height=m.height, width=m.width))
     if d.kind == "file":
         return VideoTextDataset(cfg.resolve_path(d.path), m.num_frames, m.height, m.width, fps=d.fps,
                                 video_root=d.video_root)
-    raise ValueError(f"data.kind: expected 'synthetic' or 'file', got {d.kind!r}")
+    raise ValueError(f"data.kind: expected 'synthetic', 'shapes' or 'file', got {d.kind!r}")
 
 
 def seed_everything(seed: int) -> None:
