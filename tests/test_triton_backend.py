@@ -1,0 +1,486 @@
+"""backend="triton" (fused Triton kernels) against the reference, on fresh random inputs.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is set
+before anything imports the kernels; tests/conftest.py does the same). The interpreter pays per
+program and per op, so the shapes are small and the iteration counts modest; GPU-only tests
+(bf16 inputs, paper-sized shapes) run when CUDA is there.
+
+float64: kernel and reference compute the same iteration and differ only in rounding, so they must
+agree to ~1e-10 relative to the largest entry. float32: the kernel and the float32 reference are
+both compared with the float64 reference; the kernel may be off by at most ~10x the float32
+reference's own error plus a few float32 ulps (see ``_fp32_bound``).
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from pisces_fast import ot_attention, sinkhorn_unbalanced  # noqa: E402
+from pisces_fast.ops import reference, video_token_positions  # noqa: E402
+from pisces_fast.ops.backends import available_backends, triton_available  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
+    # The interpreter evaluates masked-out lanes too (log 0 for padding rows, later discarded).
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+]
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+if triton_available():
+    from pisces_fast.ops import triton as tb
+    from pisces_fast.ops.triton.attention import force_blocks, ot_attention_forward
+    from pisces_fast.ops.triton.sinkhorn import sinkhorn_forward
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|."""
+    a, b = a.double().cpu(), b.double().cpu()
+    scale = b.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((a - b).abs().max() / scale)
+
+
+def _fp32_bound(ref32_err: float) -> float:
+    """Allowed float32 error vs the float64 reference: 10x the float32 reference's own + 2e-6."""
+    return 10.0 * ref32_err + 2e-6
+
+
+def _masks(p, n, m, frac=0.35):
+    rows = torch.rand(p, n) > frac
+    cols = torch.rand(p, m) > frac
+    rows[:, torch.randint(n, (1,))] = True  # every problem keeps >= 1 real row and column
+    cols[:, torch.randint(m, (1,))] = True
+    return rows, cols
+
+
+def _dev(*ts):
+    return [None if t is None else t.to(DEVICE) for t in ts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinkhorn
+
+SINKHORN_CASES = [
+    # (P, N, M, eps, mass, max_iter, tol, masked, cost)
+    (3, 5, 37, 0.05, 0.9, 30, 0.0, True, "rand"),  # M not a multiple of any block
+    (2, 1, 20, 1e-3, 0.9, 20, 0.0, True, "rand"),  # N = 1, small eps: log domain
+    (2, 6, 45, 1.0, 1.0, 20, 0.0, False, "rand"),  # large eps, balanced
+    (2, 6, 45, 0.05, 0.01, 20, 0.0, True, "rand"),  # almost no transport
+    (2, 7, 3, 0.05, 0.9, 20, 0.0, True, "rand"),  # M < N
+    (2, 4, 19, 0.05, 0.9, 10, 0.0, True, "const"),  # constant cost
+    (2, 5, 24, 0.2, 0.9, 20, 0.0, False, "wide"),  # cost far from [0, 1]: range/eps = 100 -> log
+    (3, 6, 33, 0.05, 0.9, 150, 1e-6, True, "rand"),  # early stop, per problem
+]
+
+
+def _cost(kind, p, n, m, dtype=torch.float64):
+    if kind == "const":
+        return torch.full((p, n, m), 0.37, dtype=dtype)
+    if kind == "wide":
+        return 5.0 + 20.0 * torch.rand(p, n, m, dtype=dtype)
+    return torch.rand(p, n, m, dtype=dtype)
+
+
+@pytest.mark.parametrize("p,n,m,eps,mass,max_iter,tol,masked,kind", SINKHORN_CASES)
+def test_sinkhorn_matches_reference(p, n, m, eps, mass, max_iter, tol, masked, kind):
+    cost = _cost(kind, p, n, m)
+    rows, cols = _masks(p, n, m) if masked else (None, None)
+    kw = dict(eps=eps, mass=mass, max_iter=max_iter, tol=tol, row_mask=rows, col_mask=cols)
+    ref, _, _, ref_iter = reference.sinkhorn_unbalanced(cost, return_potentials=True, **kw)
+    c64, r, c = _dev(cost, rows, cols)
+    plan, n_iter = sinkhorn_forward(c64, r, c, eps, mass, max_iter, tol, return_n_iter=True)
+    assert plan.dtype == torch.float64 and plan.shape == cost.shape
+    assert _rel(plan, ref) < 1e-10
+    assert torch.equal(n_iter.cpu(), ref_iter)  # Algorithm 3's stopping rule, problem by problem
+    if masked:
+        valid = rows[:, :, None] & cols[:, None, :]
+        assert bool((plan.cpu()[~valid] == 0).all())  # padding carries exactly zero mass
+
+    ref32 = reference.sinkhorn_unbalanced(cost.float(), **kw)
+    plan32 = sinkhorn_forward(c64.float(), r, c, eps, mass, max_iter, tol)
+    assert plan32.dtype == torch.float32
+    assert _rel(plan32, ref) < _fp32_bound(_rel(ref32, ref))
+
+
+def test_sinkhorn_log_domain_forced_matches_scaling_domain():
+    """The same problems through both paths (auto picks scaling at eps=0.05)."""
+    cost = torch.rand(2, 6, 29, dtype=torch.float64)
+    rows, cols = _masks(2, 6, 29)
+    kw = dict(eps=0.05, mass=0.9, max_iter=25, tol=0.0, row_mask=rows, col_mask=cols)
+    ref = reference.sinkhorn_unbalanced(cost, **kw)
+    c64, r, c = _dev(cost, rows, cols)
+    auto = sinkhorn_forward(c64, r, c, 0.05, 0.9, 25, 0.0, domain=0)
+    log = sinkhorn_forward(c64, r, c, 0.05, 0.9, 25, 0.0, domain=1)
+    assert _rel(auto, ref) < 1e-10 and _rel(log, ref) < 1e-10
+
+
+def test_sinkhorn_public_api_batch_dims_and_half_precision():
+    cost = torch.rand(2, 2, 4, 17, device=DEVICE)
+    rows = torch.ones(2, 2, 4, dtype=torch.bool, device=DEVICE)
+    rows[..., -1] = False
+    kw = dict(eps=0.05, mass=0.9, max_iter=15, tol=0.0, row_mask=rows)
+    plan = sinkhorn_unbalanced(cost, backend="triton", **kw)
+    ref = sinkhorn_unbalanced(cost.double(), backend="reference", **kw)
+    assert plan.shape == cost.shape and plan.dtype == torch.float32
+    assert _rel(plan, ref) < 1e-5
+    half = sinkhorn_unbalanced(cost.bfloat16(), backend="triton", **kw)
+    assert half.dtype == torch.bfloat16
+    assert _rel(half, ref) < 2e-2  # bf16 output rounding (the solve runs in float32)
+
+
+def test_sinkhorn_is_deterministic():
+    cost = torch.rand(2, 5, 40, device=DEVICE)
+    a = sinkhorn_unbalanced(cost, eps=0.05, mass=0.9, max_iter=12, tol=0.0, backend="triton")
+    b = sinkhorn_unbalanced(cost, eps=0.05, mass=0.9, max_iter=12, tol=0.0, backend="triton")
+    assert torch.equal(a, b)
+
+
+def test_backend_module_rejects_what_it_cannot_run():
+    with pytest.raises(TypeError, match="float32/float64"):
+        tb.sinkhorn_unbalanced(torch.rand(1, 2, 3).half(), eps=0.05, mass=0.9, max_iter=1, tol=0.0)
+    with pytest.raises(ValueError, match="at most 1024 rows"):
+        tb.sinkhorn_unbalanced(torch.rand(1, 1025, 2), eps=0.05, mass=0.9, max_iter=1, tol=0.0)
+    q = torch.rand(1, 1, 2, 300)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        tb.ot_attention(q, q, q, torch.zeros(2), torch.zeros(2, 2), gamma=0.2, eta=0.2, eps=0.05, mass=0.9,
+                        max_iter=1, tol=0.0, fuse_eps=1e-8, scale=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# OT attention
+
+ATTN_CASES = [
+    # (B, H, N, D, Dv, (frames, height, width, prefix), eps, mass, max_iter, tol, key_mask, query_mask)
+    (1, 2, 5, 16, 16, (2, 3, 4, 1), 0.05, 0.9, 20, 0.0, False, False),  # prefix token, M = 25
+    (2, 1, 6, 8, 11, (2, 3, 3, 1), 0.05, 0.9, 60, 1e-4, True, True),  # padding both sides, early stop
+    (1, 1, 1, 8, 8, (1, 4, 5, 0), 1e-3, 0.9, 15, 0.0, True, False),  # N = 1, one frame, log domain
+    (1, 2, 4, 16, 16, (3, 2, 3, 0), 1.0, 1.0, 15, 0.0, False, True),  # large eps, balanced
+    (1, 1, 3, 8, 8, (2, 2, 2, 0), 0.05, 0.01, 15, 0.0, False, False),  # mass 0.01
+    (1, 1, 3, 8, 8, (1, 1, 1, 0), 0.05, 0.9, 5, 0.0, False, False),  # M = 1: every component constant
+]
+
+
+def _attn_inputs(b, h, n, d, dv, grid, key_mask, query_mask):
+    frames, height, width, prefix = grid
+    m = prefix + frames * height * width
+    frame_idx, coords = video_token_positions(frames, height, width, prefix_tokens=prefix, dtype=torch.float64)
+    q = torch.randn(b, h, n, d, dtype=torch.float64)
+    k = torch.randn(b, h, m, d, dtype=torch.float64)
+    v = torch.randn(b, h, m, dv, dtype=torch.float64)
+    kpm = qpm = None
+    if key_mask:
+        kpm = torch.rand(b, m) > 0.3
+        kpm[:, 0] = True
+    if query_mask:
+        qpm = torch.rand(b, n) > 0.3
+        qpm[:, -1] = True
+    return q, k, v, frame_idx, coords, kpm, qpm
+
+
+def _reference_fwd_bwd(q, k, v, fi, co, dout, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, plan = reference.ot_attention(*leaves, fi, co, **kw)
+    (out * dout).sum().backward()
+    return out.detach(), plan, [t.grad for t in leaves]
+
+
+def _triton_fwd_bwd(q, k, v, fi, co, dout, dtype, **kw):
+    kw = dict(kw)
+    kpm, qpm = _dev(kw.pop("key_padding_mask"), kw.pop("query_padding_mask"))
+    leaves = [t.detach().to(device=DEVICE, dtype=dtype).clone().requires_grad_() for t in (q, k, v)]
+    fi, co = _dev(fi.to(dtype), co.to(dtype))
+    out, plan = tb.ot_attention(*leaves, fi, co, key_padding_mask=kpm, query_padding_mask=qpm, **kw)
+    assert not plan.requires_grad  # the plan is a detached prior
+    (out * dout.to(device=DEVICE, dtype=dtype)).sum().backward()
+    return out.detach(), plan, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("b,h,n,d,dv,grid,eps,mass,max_iter,tol,key_mask,query_mask", ATTN_CASES)
+def test_ot_attention_matches_reference(b, h, n, d, dv, grid, eps, mass, max_iter, tol, key_mask, query_mask):
+    _check_attention(b, h, n, d, dv, grid, eps, mass, max_iter, tol, key_mask, query_mask)
+
+
+def test_ot_attention_several_row_and_key_blocks():
+    """Small tiles force 2 row blocks (range partials combined across blocks, dq per row block) and
+    3 key blocks (dk/dv per key block) — the interpreter otherwise runs whole-problem tiles."""
+    with force_blocks(rows=16, cols=16):
+        _check_attention(2, 1, 20, 16, 8, (2, 3, 6, 1), 0.05, 0.9, 15, 0.0, True, True)
+
+
+def _check_attention(b, h, n, d, dv, grid, eps, mass, max_iter, tol, key_mask, query_mask):
+    q, k, v, fi, co, kpm, qpm = _attn_inputs(b, h, n, d, dv, grid, key_mask, query_mask)
+    kw = dict(gamma=0.2, eta=0.3, eps=eps, mass=mass, max_iter=max_iter, tol=tol, fuse_eps=1e-8,
+              scale=1.0 / math.sqrt(d), key_padding_mask=kpm, query_padding_mask=qpm)
+    dout = torch.randn(b, h, n, dv, dtype=torch.float64)
+    out_ref, plan_ref, grads_ref = _reference_fwd_bwd(q, k, v, fi, co, dout, **kw)
+
+    out, plan, grads = _triton_fwd_bwd(q, k, v, fi, co, dout, torch.float64, **kw)
+    assert _rel(out, out_ref) < 1e-10
+    assert _rel(plan, plan_ref) < 1e-10
+    # Gradients: relative to |dout|·|v|-sized intermediates, not to the gradient itself, which can be
+    # tiny (e.g. where the plan dominates the fusion); 1e-10 of O(1) terms is float64 rounding.
+    for g, g_ref in zip(grads, grads_ref):
+        assert float((g.cpu() - g_ref).abs().max()) < 1e-10 * max(1.0, float(g_ref.abs().max()))
+    if qpm is not None:
+        assert bool((out.cpu()[~qpm[:, None, :].expand(b, h, n)] == 0).all())  # padded queries output 0
+    if kpm is not None:
+        padded = ~kpm[:, None, :].expand(b, h, -1)
+        assert bool((plan.cpu().transpose(-1, -2)[padded] == 0).all())
+        assert bool((grads[1].cpu()[padded] == 0).all()) and bool((grads[2].cpu()[padded] == 0).all())
+
+    # float32 inputs vs the float64 reference, judged against the float32 reference's own error.
+    out32_ref, plan32_ref, grads32_ref = _reference_fwd_bwd(
+        q.float(), k.float(), v.float(), fi.float(), co.float(), dout.float(), **kw
+    )
+    out32, plan32, grads32 = _triton_fwd_bwd(q, k, v, fi, co, dout, torch.float32, **kw)
+    assert out32.dtype == torch.float32
+    assert _rel(out32, out_ref) < _fp32_bound(_rel(out32_ref, out_ref))
+    assert _rel(plan32, plan_ref) < _fp32_bound(_rel(plan32_ref, plan_ref))
+    for g, g32_ref, g_ref in zip(grads32, grads32_ref, grads_ref):
+        scale = max(1.0, float(g_ref.abs().max()))
+        ref_err = float((g32_ref.double() - g_ref).abs().max()) / scale
+        assert float((g.cpu().double() - g_ref).abs().max()) / scale < _fp32_bound(ref_err)
+
+
+def test_ot_attention_log_domain_forced_matches():
+    q, k, v, fi, co, kpm, qpm = _attn_inputs(1, 2, 4, 8, 8, (2, 2, 3, 1), True, True)
+    kw = dict(gamma=0.2, eta=0.2, eps=0.05, mass=0.9, max_iter=20, tol=0.0, fuse_eps=1e-8, scale=0.3,
+              key_padding_mask=kpm, query_padding_mask=qpm)
+    out_ref, plan_ref = reference.ot_attention(q, k, v, fi, co, **kw)
+    args = [*_dev(q, k, v, fi, co, kpm, qpm), 0.2, 0.2, 0.05, 0.9, 20, 0.0, 1e-8, 0.3, True]
+    out, plan, *_ = ot_attention_forward(*args, domain=1)
+    assert _rel(out, out_ref) < 1e-10 and _rel(plan, plan_ref) < 1e-10
+
+
+def test_ot_attention_public_api_and_return_plan():
+    q, k, v, fi, co, kpm, qpm = _attn_inputs(2, 2, 3, 8, 8, (2, 2, 2, 1), True, True)
+    q, k, v, fi, co, kpm, qpm = _dev(q.float(), k.float(), v.float(), fi.float(), co.float(), kpm, qpm)
+    kw = dict(max_iter=12, tol=0.0, key_padding_mask=kpm, query_padding_mask=qpm)
+    out_only = ot_attention(q, k, v, fi, co, backend="triton", **kw)
+    out, plan = ot_attention(q, k, v, fi, co, backend="triton", return_plan=True, **kw)
+    assert isinstance(out_only, torch.Tensor) and out_only.shape == (2, 2, 3, 8)
+    assert torch.equal(out_only, out)
+    assert plan.shape == (2, 2, 3, k.shape[2]) and not plan.requires_grad
+    # The backend skips materializing the plan when it is not asked for.
+    out_np, plan_np = tb.ot_attention(q, k, v, fi, co, gamma=0.2, eta=0.2, eps=0.05, mass=0.9, max_iter=12, tol=0.0,
+                                      fuse_eps=1e-8, scale=1 / math.sqrt(8), key_padding_mask=kpm,
+                                      query_padding_mask=qpm, return_plan=False)
+    assert plan_np is None and torch.equal(out_np, out)
+    # bf16 inputs: the API upcasts, the output comes back in bf16.
+    out_bf16 = ot_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), fi, co, backend="triton", **kw)
+    assert out_bf16.dtype == torch.bfloat16
+    assert _rel(out_bf16, out) < 5e-2
+
+
+def test_ot_attention_is_deterministic():
+    q, k, v, fi, co, kpm, qpm = _attn_inputs(1, 2, 4, 8, 8, (2, 2, 3, 0), True, False)
+    q, k, v, fi, co, kpm = _dev(q.float(), k.float(), v.float(), fi.float(), co.float(), kpm)
+    results = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, plan = ot_attention(*leaves, fi, co, max_iter=10, tol=0.0, key_padding_mask=kpm, return_plan=True,
+                                 backend="triton")
+        out.square().sum().backward()
+        results.append([out.detach(), plan] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: fake implementations, opcheck, torch.compile
+
+
+def _tiny_attention_args(requires_grad=False):
+    q, k, v, fi, co, kpm, qpm = _attn_inputs(1, 1, 2, 16, 16, (1, 2, 2, 1), True, True)
+    q, k, v, fi, co, kpm, qpm = _dev(q.float(), k.float(), v.float(), fi.float(), co.float(), kpm, qpm)
+    if requires_grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return (q, k, v, fi, co, kpm, qpm, 0.2, 0.2, 0.05, 0.9, 3, 0.0, 1e-8, 0.25, True)
+
+
+def test_fake_implementations_match_real_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _tiny_attention_args()
+    real = torch.ops.pisces_fast.triton_ot_attention(*args)
+    cost = torch.rand(2, 3, 5, device=DEVICE)
+    real_plan = torch.ops.pisces_fast.triton_sinkhorn(cost, None, None, 0.05, 0.9, 3, 0.0)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = torch.ops.pisces_fast.triton_ot_attention(*fake_args)
+        fake_plan = torch.ops.pisces_fast.triton_sinkhorn(mode.from_tensor(cost), None, None, 0.05, 0.9, 3, 0.0)
+        dq, dk, dv = torch.ops.pisces_fast.triton_ot_attention_backward(
+            fake[0], *fake_args[:7], fake[0], fake[2], fake[3], fake[4], fake[5], 0.2, 0.2, 0.05, 1e-8, 0.25
+        )
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.dtype == f.dtype
+    assert real_plan.shape == fake_plan.shape and real_plan.dtype == fake_plan.dtype
+    assert dq.shape == args[0].shape and dk.shape == args[1].shape and dv.shape == args[2].shape
+
+
+def test_opcheck_custom_ops():
+    cost = torch.rand(1, 2, 5, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.pisces_fast.triton_sinkhorn.default, (cost, None, None, 0.05, 0.9, 3, 0.0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.pisces_fast.triton_ot_attention.default, _tiny_attention_args(requires_grad=True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_torch_compile_traces_forward_and_backward():
+    """The custom ops trace (fake impls + registered autograd) inside a compiled graph."""
+    torch._dynamo.reset()
+    args = list(_tiny_attention_args(requires_grad=True))
+
+    def loss_fn(q, k, v):
+        out = torch.ops.pisces_fast.triton_ot_attention(q, k, v, *args[3:])[0]
+        return (out * out).sum()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(*args[:3])
+    grads = torch.autograd.grad(loss, args[:3])
+    loss_eager = loss_fn(*args[:3])
+    grads_eager = torch.autograd.grad(loss_eager, args[:3])
+    assert torch.equal(loss, loss_eager)
+    for g, ge in zip(grads, grads_eager):
+        assert torch.equal(g, ge)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+
+
+@gpu_only
+def test_triton_is_the_auto_backend_on_cuda():
+    assert "triton" in available_backends(torch.device("cuda"))
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ot_attention_paper_shape_on_gpu(dtype):
+    """Paper-sized problems (40 text tokens, 8x16x16 + 1 video tokens, D = 64) with padding.
+
+    The float64 reference runs on the same (dtype-rounded) inputs, so the comparison measures the
+    kernels, not the input quantization: bf16 inputs are upcast and computed in float32.
+    """
+    b, h, n, d = 2, 4, 40, 64
+    fi, co = video_token_positions(8, 16, 16, prefix_tokens=1, dtype=torch.float64, device="cuda")
+    m = fi.shape[0]
+    q, k, v = (torch.randn(b, h, s, d, device="cuda").to(dtype) for s in (n, m, m))
+    kpm = torch.ones(b, m, dtype=torch.bool, device="cuda")
+    kpm[1, -300:] = False
+    qpm = torch.ones(b, n, dtype=torch.bool, device="cuda")
+    qpm[0, 30:] = False
+    kw = dict(max_iter=100, tol=0.0, key_padding_mask=kpm, query_padding_mask=qpm, return_plan=True)
+    dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.float64)
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out_ref, plan_ref = ot_attention(*leaves, fi, co, backend="reference", **kw)
+    (out_ref * dout).sum().backward()
+    grads_ref = [t.grad for t in leaves]
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, plan = ot_attention(*leaves, fi.float(), co.float(), backend="triton", **kw)
+    (out.float() * dout.float()).sum().backward()
+    out_tol = 2e-4 if dtype == torch.float32 else 1e-2  # bf16: the output itself is rounded to bf16
+    assert _rel(out, out_ref) < out_tol
+    assert _rel(plan, plan_ref) < (1e-3 if dtype == torch.float32 else 1e-2)
+    for g, g_ref in zip((t.grad for t in leaves), grads_ref):
+        assert _rel(g, g_ref) < (1e-3 if dtype == torch.float32 else 1e-2)
+
+
+@gpu_only
+def test_sinkhorn_large_batch_on_gpu():
+    cost = torch.rand(64, 40, 2049, device="cuda", dtype=torch.float64)
+    rows, cols = _masks(64, 40, 2049)
+    rows, cols = rows.cuda(), cols.cuda()
+    kw = dict(eps=0.05, mass=0.9, max_iter=100, tol=1e-6, row_mask=rows, col_mask=cols)
+    ref = sinkhorn_unbalanced(cost, backend="reference", **kw)
+    assert _rel(sinkhorn_unbalanced(cost, backend="triton", **kw), ref) < 1e-9
+    assert _rel(sinkhorn_unbalanced(cost.float(), backend="triton", **kw), ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper compilation (no GPU needed): the interpreter never runs Triton's compiler, so code that
+# only the GPU path rejects (non-constexpr globals, type mismatches across loop iterations, shared
+# memory over the limit) would otherwise first show up on a GPU machine.
+
+_COMPILE_SCRIPT = r"""
+import os, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pisces_fast.ops.triton import attention as at, sinkhorn as sk
+
+target = GPUTarget("cuda", 90, 32)
+dev = torch.device("cuda")
+
+def build(fn, args, consts, num_warps, **options):
+    sig = dict(args)
+    sig.update({c: "constexpr" for c in consts})
+    names = list(sig)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if sig[a].startswith("*") or a == "MS"}
+    options.update(num_warps=num_warps)
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target, options=options)
+    assert k.metadata.shared <= 227 * 1024, (fn.__name__, k.metadata.shared)
+
+# float32 is the GPU path; float64 (a correctness path there) shares the code: its solver is built.
+for dts, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
+    n, m, d = 20, 77, 16
+    cfg = at._blocks(n, m, d, d, dtype, dev)
+    bn, bd = cfg["bn"], cfg["bd"]
+    prec = at._dot_precision(dtype, dev)
+    sbn, sbm, sw = sk.sinkhorn_blocks(n, m, dtype, dev)
+    f = lambda *names: {x: "*" + dts for x in names}
+    i32 = lambda *names: {x: "i32" for x in names}
+    masks = {"KPM": "*u8", "QPM": "*u8"}
+    common = dict(HAS_KPM=True, HAS_QPM=True)
+    build(sk._sinkhorn_kernel, {**f("COST", "PLAN", "SCRATCH", "GBUF"), "RM": "*u8", "CM": "*u8", **f("PARAMS"),
+          "N_ITER": "*i32", "COUNTER": "*i32", **i32("P", "N", "M", "MS", "max_iter")},
+          dict(HAS_RM=True, HAS_CM=True, DOMAIN=0, BN=sbn, BM=sbm), sw, maxnreg=255)
+    if dtype == torch.float64:
+        continue
+    build(at._attn_stats_kernel, {**f("Q", "K", "T", "S"), **masks, **f("ROWST", "PART", "PARAMS"),
+          **i32("H", "N", "M", "D", "n_blocks")},
+          dict(common, BN=bn, BM=cfg["stats"][0], BD=bd, DOT_PRECISION=prec), cfg["stats"][1])
+    build(at._attn_cost_kernel, {**f("Q", "K", "T", "S"), **masks, **f("ROWST", "PART", "SCRATCH", "PARAMS"),
+          **i32("H", "N", "M", "MS", "D", "n_blocks")},
+          dict(common, BN=bn, BM=cfg["cost"][0], BD=bd, BRB=2, DOT_PRECISION=prec), cfg["cost"][1])
+    for scaling in (True, False):
+        build(at._attn_solve_kernel, {**f("SCRATCH", "GBUF", "ROWST", "PART", "RANGES", "LOGV"), **masks,
+              **f("PARAMS"), "COUNTER": "*i32", **i32("P", "H", "N", "M", "MS", "n_blocks", "max_iter")},
+              dict(common, SCALING=scaling, BN=sbn, BM=sbm, BRB=2), sw, maxnreg=255)
+    build(at._attn_fuse_kernel, {**f("Q", "K", "V", "T", "S"), **masks,
+          **f("OUT", "PLAN", "ROWST", "LOGV", "RANGES", "YBUF", "PARAMS"), **i32("H", "N", "M", "D", "DV")},
+          dict(common, WRITE_PLAN=True, BN=bn, BM=cfg["fuse"][0], BD=bd, BDV=bd, DOT_PRECISION=prec), cfg["fuse"][1])
+    build(at._attn_bwd_dq_kernel, {**f("Q", "K", "V", "T", "S"), **masks,
+          **f("DOUT", "OUT", "ROWST", "LOGV", "RANGES", "YBUF", "DE", "PARAMS", "DQ"), **i32("H", "N", "M", "D", "DV")},
+          dict(common, BN=bn, BM=cfg["dq"][0], BD=bd, BDV=bd, DOT_PRECISION=prec), cfg["dq"][1])
+    build(at._attn_bwd_dkdv_kernel, {**f("Q", "K", "V", "T", "S"), **masks,
+          **f("DOUT", "ROWST", "LOGV", "RANGES", "DE", "PARAMS", "DK", "DVAL"), **i32("H", "N", "M", "D", "DV")},
+          dict(common, BN=bn, BM=cfg["dkdv"][0], BD=bd, BDV=bd, DOT_PRECISION=prec), cfg["dkdv"][1])
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels for real")
+def test_kernels_compile_for_hopper():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
