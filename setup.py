@@ -43,9 +43,10 @@ def native_extensions():
             except Exception as exc:  # noqa: BLE001 - any compiler failure means "no native backend"
                 print(f"pisces_fast: C++ backend build failed ({exc}); installing without it", file=sys.stderr)
 
-    # -ffp-contract=fast: let the vector kernels use FMA (C++17 mode would otherwise forbid it);
+    # No -std flag: BuildExtension picks the standard this torch's headers need (C++20 for 2.13).
+    # -ffp-contract=fast: let the vector kernels use FMA (ISO C++ mode would otherwise forbid it);
     # -fno-math-errno: lets sqrt vectorize (the kernels never read errno).
-    extra = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno"]
+    extra = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
     if os.environ.get("PISCES_FAST_PORTABLE") != "1":
         extra.append("-march=native")
     ext = CppExtension(

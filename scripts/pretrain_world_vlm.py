@@ -1,0 +1,511 @@
+"""Pretrain the shapes world's video-text model (the reward backbone the embedded world ships).
+
+A small InternVideo2-stage-2-style model (``pisces_fast.rewards.backbones.InternVideo2``: a video ViT over
+8x4x4 spatio-temporal patches of 8x32x32 clips plus [CLS], a BERT whose last 2 layers cross-attend to the
+video tokens, a VTM head, projections into a 64-d joint space) is trained on the train split of
+``pisces_fast.data.shapes`` with InternVideo2's two stage-2 losses:
+
+* video-text contrastive (VTC), both directions; the video->text side also contrasts every clip against
+  an attribute-swapped caption of each clip in the batch (``shapes.hard_negatives``: color, shape, size,
+  direction, relation, binding, count), so the joint space must encode *which* attribute is where;
+* video-text matching (VTM) on the [CLS] of the fusion layers: the positive pair, an in-batch negative video
+  (sampled by contrastive similarity, InternVideo2's ``vtm_hard_neg``) and a negative caption -- the
+  attribute-swapped one for half of the clips, else an in-batch caption sampled by similarity -- class-balanced.
+
+Augmentations that keep a clip inside the world: horizontal flip (left <-> right in motions and relations)
+and time reversal (every motion reversed); an augmented clip is used only if its caption stays in the train
+split. Held-out prompts (unseen color-shape pairs and a hashed 10% of the rest) are never trained on, not even
+as negative captions.
+
+At the end it measures on held-out clips: text->video and video->text R@1 among batches of 64, the VTM
+probability of matched vs attribute-swapped captions (ranking and 0.5-threshold accuracy, per kind), the
+same ranking with the contrastive cosine, and the PISCES rewards (plain cosine "quality" and VTM "semantic",
+vanilla and partial-OT attention) of the right clip vs a wrong clip (a clip of the swapped caption).
+
+    python scripts/pretrain_world_vlm.py --out pisces_fast/assets/world/vlm
+
+writes ``config.json`` + ``model.safetensors`` + tokenizer files (``InternVideo2Backbone.from_pretrained``
+reads them) and ``training_summary.json`` into ``--out``, and curves/metrics into ``--report_dir``.
+Training is resumable: ``--resume`` continues from ``<report_dir>/checkpoint`` (written atomically every
+``--save_every`` steps). Every random choice is a function of ``(--seed, step)``, so a resumed run matches an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pisces_fast.data import shapes as S
+from pisces_fast.rewards.backbones.internvideo2 import InternVideo2, InternVideo2Backbone, InternVideo2Config
+from pisces_fast.rewards.backbones.preprocess import prepare_video
+from pisces_fast.rewards.tokenizer import build_word_tokenizer
+
+# Longest caption: 17 words (commas included) + [CLS] + [SEP] = 19 tokens.
+MAX_TEXT_LEN = 24
+NEGATIVE_KINDS = S.NEGATIVE_KINDS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="pisces_fast/assets/world/vlm", help="where the model is saved (package assets)")
+    p.add_argument("--report_dir", default="outputs/world_vlm", help="curves, metrics and the resumable checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--pool_size", type=int, default=6144, help="train clips rendered once (x4 with the augmentations)")
+    p.add_argument("--eval_clips", type=int, default=512, help="held-out clips for the final metrics")
+    p.add_argument("--reward_pairs", type=int, default=96, help="(right, wrong) clip pairs scored with PiscesRewards")
+    p.add_argument("--width", type=int, default=128, help="vision and text width")
+    p.add_argument("--vision_depth", type=int, default=4)
+    p.add_argument("--text_depth", type=int, default=4, help="text layers, the last --fusion_layers cross-attend")
+    p.add_argument("--fusion_layers", type=int, default=2)
+    p.add_argument("--embed_dim", type=int, default=64)
+    p.add_argument("--patch_size", type=int, default=8)
+    p.add_argument("--tubelet_size", type=int, default=2, help="frames per token (2: 4x4x4 tokens + [CLS] = 65)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save_every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from <report_dir>/checkpoint")
+    p.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------------
+# data: a rendered pool of train clips, augmented inside the world
+# ------------------------------------------------------------------------------------------------------
+_FLIP_H = {"left": "right", "right": "left"}
+_REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+_FLIP_RELATION = {"left of": "right of", "right of": "left of"}
+
+
+def flip_spec(spec: S.SceneSpec) -> S.SceneSpec:
+    """The spec of the horizontally mirrored clip (all five shapes are mirror-symmetric)."""
+    objects = tuple(replace(o, motion=_FLIP_H.get(o.motion, o.motion)) for o in spec.objects)
+    relations = tuple(replace(r, relation=_FLIP_RELATION.get(r.relation, r.relation)) for r in spec.relations)
+    return S.SceneSpec(objects, relations)
+
+
+def reverse_spec(spec: S.SceneSpec) -> S.SceneSpec:
+    """The spec of the time-reversed clip (constant velocities, so every motion reverses)."""
+    return S.SceneSpec(tuple(replace(o, motion=_REVERSE.get(o.motion, o.motion)) for o in spec.objects), spec.relations)
+
+
+def augment(video: torch.Tensor, spec: S.SceneSpec, flip: bool, reverse: bool):
+    """Apply the chosen augmentations to one clip ``(T, 3, H, W)``; skip any that would leave the train split."""
+    if flip:
+        new = flip_spec(spec)
+        if S.split_of(new) == "train":
+            video, spec = video.flip(-1), new
+    if reverse:
+        new = reverse_spec(spec)
+        if S.split_of(new) == "train":
+            video, spec = video.flip(0), new
+    return video, spec
+
+
+def render_pool(n: int, split: str, seed: int, chunk: int = 256, progress: bool = True):
+    """``n`` clips of ``split`` as uint8 ``(n, T, 3, H, W)`` (4x less memory than float) with their specs."""
+    videos, specs = [], []
+    for start in tqdm(range(0, n, chunk), desc=f"render {split} clips", disable=not progress):
+        batch = S.make_clips(min(chunk, n - start), split=split, seed=seed, start=start)
+        videos.append((batch.videos * 255).round().to(torch.uint8))
+        specs.extend(batch.specs)
+    return torch.cat(videos), specs
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 101, step])
+
+
+def make_batch(pool_videos, pool_specs, batch_size: int, rng: np.random.Generator):
+    """A batch of (clip, caption, attribute-swapped caption), all drawn from ``rng``."""
+    idx = rng.choice(len(pool_specs), size=batch_size, replace=False)
+    videos, captions, negatives = [], [], []
+    for i in idx:
+        video, spec = augment(pool_videos[i].float() / 255.0, pool_specs[i], rng.random() < 0.5, rng.random() < 0.5)
+        options = S.hard_negatives(spec, rng)  # default forbids held-out color-shape pairs even in negatives
+        videos.append(video)
+        captions.append(S.caption_of(spec))
+        negatives.append(options[int(rng.integers(len(options)))].caption)
+    return torch.stack(videos), captions, negatives
+
+
+# ------------------------------------------------------------------------------------------------------
+# model and losses
+# ------------------------------------------------------------------------------------------------------
+def build_model(args, vocab_size: int) -> InternVideo2:
+    cfg = InternVideo2Config(
+        image_size=32, patch_size=args.patch_size, num_frames=8, tubelet_size=args.tubelet_size,
+        vision_width=args.width, vision_depth=args.vision_depth, vision_heads=4, vision_mlp_ratio=2.0,
+        layerscale_init=0.1, pool_dim=args.width, pool_heads=4,
+        vocab_size=vocab_size, text_width=args.width, text_depth=args.text_depth, text_heads=4,
+        text_intermediate=2 * args.width, max_position_embeddings=32, fusion_layers=args.fusion_layers,
+        max_text_len=MAX_TEXT_LEN, embed_dim=args.embed_dim, temp_init=0.07,
+    )
+    return InternVideo2(cfg)
+
+
+def pixels_of(model: InternVideo2, videos: torch.Tensor) -> torch.Tensor:
+    """The reward path's preprocessing (``InternVideo2Backbone.encode_video``), so training sees what rewards see."""
+    cfg = model.config
+    pixels, _ = prepare_video(videos, num_frames=cfg.num_frames, size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std)
+    return pixels
+
+
+def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.random.Generator):
+    """VTC (with swapped captions as extra video->text negatives) + class-balanced VTM; see the module docstring."""
+    b = len(captions)
+    texts = captions + negatives
+    enc = tokenizer(texts, padding="longest", truncation=True, max_length=MAX_TEXT_LEN, return_tensors="pt")
+    with torch.no_grad():
+        model.temp.clamp_(0.01, 0.5)
+    hidden, mask = model.encode_text(enc["input_ids"], enc["attention_mask"])
+    tokens, pooled, _, grid = model.encode_vision(pixels_of(model, videos))
+    frame_idx, coords = model.video_positions(grid, tokens.device)
+    v = F.normalize(model.vision_proj(pooled), dim=-1)
+    t = F.normalize(model.text_proj(hidden[:, 0]), dim=-1)
+    sim = v @ t.T / model.temp  # (b, 2b)
+    # Several clips of a batch can share a caption, and a swapped caption can be another clip's caption.
+    same = torch.tensor([[texts[j] == captions[i] for j in range(2 * b)] for i in range(b)])
+    targets = same.float() / same.float().sum(1, keepdim=True)
+    loss_v2t = -(F.log_softmax(sim, dim=1) * targets).sum(1).mean()
+    same_t2v = same[:, :b].T
+    targets_t2v = same_t2v.float() / same_t2v.float().sum(1, keepdim=True)
+    loss_t2v = -(F.log_softmax(sim[:, :b].T, dim=1) * targets_t2v).sum(1).mean()
+    loss_vtc = 0.5 * (loss_v2t + loss_t2v)
+
+    with torch.no_grad():  # in-batch hard negatives, sampled by similarity (numpy RNG: resumable)
+        not_pos = ~same[:, :b]
+        w_t2v = (F.softmax(sim[:, :b].T.float(), dim=1) * not_pos.T + not_pos.T * 1e-8).numpy().astype(np.float64)
+        w_v2t = (F.softmax(sim[:, :b].float(), dim=1) * not_pos + not_pos * 1e-8).numpy().astype(np.float64)
+        video_neg = [int(rng.choice(b, p=w / w.sum())) for w in w_t2v]
+        text_neg = [int(rng.choice(b, p=w / w.sum())) for w in w_v2t]
+        # Each clip's negative caption is its attribute-swapped caption (the binding signal) or, for the
+        # other half of the clips, an in-batch caption (the coarse signal); 3 pairs per clip keep the fusion
+        # layers' cost (they project every pair's video tokens) at InternVideo2's 3B.
+        use_swap = torch.from_numpy(rng.random(b) < 0.5)
+    ar = torch.arange(b)
+    text_neg_idx = torch.where(use_swap, ar + b, torch.tensor(text_neg))
+    text_idx = torch.cat([ar, ar, text_neg_idx])
+    video_idx = torch.cat([ar, torch.tensor(video_neg), ar])
+    logits = model.vtm_logits(hidden[text_idx], mask[text_idx], tokens[video_idx], None, frame_idx, coords)
+    labels = torch.zeros(3 * b, dtype=torch.long)
+    labels[:b] = 1
+    loss_vtm = F.cross_entropy(logits.float(), labels, weight=torch.tensor([1.0, 2.0]))  # 1 positive : 2 negatives
+    acc = (logits.argmax(-1) == labels).float()
+    swap_acc = acc[2 * b:][use_swap]
+    return {
+        "loss": loss_vtc + loss_vtm,
+        "loss_vtc": loss_vtc.detach(),
+        "loss_vtm": loss_vtm.detach(),
+        "vtm_acc_pos": acc[:b].mean().detach(),
+        "vtm_acc_swap": swap_acc.mean().detach() if len(swap_acc) else torch.tensor(float("nan")),
+        "temp": model.temp.detach().clone(),
+    }
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def retrieval_r1(backbone: InternVideo2Backbone, videos: torch.Tensor, captions: list, chunk: int = 64) -> dict:
+    """Text->video and video->text R@1 among chunks of ``chunk`` clips (a hit: the retrieved item's caption is right)."""
+    chunk = min(chunk, len(captions))
+    t2v, v2t, n = 0, 0, 0
+    for s in range(0, len(captions) - chunk + 1, chunk):
+        caps = captions[s:s + chunk]
+        t = backbone.encode_text(caps).embed
+        v = backbone.encode_video(videos[s:s + chunk]).embed
+        sim = t @ v.T
+        t2v += sum(caps[int(j)] == caps[i] for i, j in enumerate(sim.argmax(1)))
+        v2t += sum(caps[int(j)] == caps[i] for i, j in enumerate(sim.argmax(0)))
+        n += len(caps)
+    return {"t2v_r1": t2v / n, "v2t_r1": v2t / n, "chunk": chunk, "num_clips": n}
+
+
+@torch.no_grad()
+def pair_scores(backbone: InternVideo2Backbone, videos: torch.Tensor, captions: list, chunk: int = 128):
+    """VTM match probability and joint-space cosine of (video[i], captions[i])."""
+    probs, cos = [], []
+    for s in range(0, len(captions), chunk):
+        text = backbone.encode_text(captions[s:s + chunk])
+        video = backbone.encode_video(videos[s:s + chunk])
+        probs.append(backbone.match_probability(text, video))
+        cos.append((text.embed * video.embed).sum(-1))
+    return torch.cat(probs), torch.cat(cos)
+
+
+@torch.no_grad()
+def swap_metrics(backbone: InternVideo2Backbone, videos: torch.Tensor, specs: list, seed: int) -> dict:
+    """Matched vs attribute-swapped captions of the same clips, overall and per kind of swap.
+
+    ``rank_acc``: P(match | right caption) > P(match | swapped caption); ``threshold_acc``: the balanced
+    accuracy of P > 0.5 over the matched and the swapped pairs; ``cos_rank_acc``: the same ranking by the
+    contrastive cosine (what the quality reward uses).
+    """
+    rng = np.random.default_rng([seed, 202])
+    vid_idx, pos_caps, neg_caps, kinds = [], [], [], []
+    for i, spec in enumerate(specs):
+        for neg in S.hard_negatives(spec, rng, forbidden_pairs=()):
+            vid_idx.append(i)
+            pos_caps.append(S.caption_of(spec))
+            neg_caps.append(neg.caption)
+            kinds.append(neg.kind)
+    clips = videos[torch.tensor(vid_idx)]
+    p_pos, c_pos = pair_scores(backbone, clips, pos_caps)
+    p_neg, c_neg = pair_scores(backbone, clips, neg_caps)
+    kinds = np.array(kinds)
+
+    def summary(sel) -> dict:
+        sel = torch.from_numpy(sel)
+        pp, pn = p_pos[sel], p_neg[sel]
+        return {
+            "pairs": int(sel.sum()),
+            "rank_acc": float((pp > pn).float().mean()),
+            "threshold_acc": float(0.5 * ((pp > 0.5).float().mean() + (pn < 0.5).float().mean())),
+            "cos_rank_acc": float((c_pos[sel] > c_neg[sel]).float().mean()),
+            "mean_p_match": float(pp.mean()),
+            "mean_p_swapped": float(pn.mean()),
+        }
+
+    out = {"all": summary(np.ones(len(kinds), bool))}
+    for kind in NEGATIVE_KINDS:
+        if (kinds == kind).any():
+            out[kind] = summary(kinds == kind)
+    return out
+
+
+@torch.no_grad()
+def reward_metrics(backbone: InternVideo2Backbone, specs: list, n: int, seed: int) -> dict:
+    """PISCES rewards of the right clip vs a wrong clip (rendered from a swapped caption) for the same prompt."""
+    from pisces_fast.rewards import POTConfig, PiscesRewards
+
+    rng = np.random.default_rng([seed, 303])
+    prompts, wrong_specs, kinds = [], [], []
+    for spec in specs:
+        options = [neg for neg in S.hard_negatives(spec, rng, forbidden_pairs=()) if neg.kind != "count"]
+        if not options:
+            continue
+        neg = options[int(rng.integers(len(options)))]
+        prompts.append(S.caption_of(spec))
+        wrong_specs.append(neg.spec)
+        kinds.append(neg.kind)
+        if len(prompts) == n:
+            break
+    right = S.make_clips(specs=[S.parse_prompt(p) for p in prompts], split="heldout", seed=seed + 1).videos
+    wrong = S.make_clips(specs=wrong_specs, split="heldout", seed=seed + 1).videos
+    out = {"pairs": len(prompts)}
+    for name, pot in (("vanilla", POTConfig(enabled=False)), ("pot", POTConfig())):
+        rewards = PiscesRewards(backbone, use_ot_map=False, use_pot=True, pot=pot, freeze=False)
+        r_right = rewards(right, prompts)
+        r_wrong = rewards(wrong, prompts)
+        for key in ("quality", "semantic"):
+            if name == "pot" and key == "quality":
+                continue  # the quality reward does not use the fusion layers
+            label = key if key == "quality" else f"semantic_{name}"
+            out[label] = {
+                "right_gt_wrong": float((r_right[key] > r_wrong[key]).float().mean()),
+                "mean_right": float(r_right[key].mean()),
+                "mean_wrong": float(r_wrong[key].mean()),
+            }
+    return out
+
+
+def evaluate(backbone: InternVideo2Backbone, args, progress: bool) -> dict:
+    backbone.eval()
+    metrics = {}
+    for split, n in (("heldout", args.eval_clips), ("train", args.eval_clips // 2)):
+        batch = S.make_clips(n, split=split, seed=args.seed + 1000)  # fresh clips (train: a seed the pool never used)
+        metrics[split] = {"retrieval": retrieval_r1(backbone, batch.videos, batch.captions)}
+        metrics[split]["swap"] = swap_metrics(backbone, batch.videos, batch.specs, args.seed)
+        if split == "heldout" and args.reward_pairs > 0:
+            metrics[split]["rewards"] = reward_metrics(backbone, batch.specs, args.reward_pairs, args.seed)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------------
+# checkpointing (atomic: write a temporary directory, then rename)
+# ------------------------------------------------------------------------------------------------------
+def save_state(path: str, model, optimizer, step: int, history: list, elapsed: float):
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    opt = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": opt["param_groups"], "state": {}}
+    for pid, st in opt["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                meta["state"][str(pid)][k] = v
+    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as fh:
+        json.dump({"step": step, "history": history, "elapsed": elapsed, "optimizer": meta}, fh)
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(path: str, model, optimizer):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "state.json")) as fh:
+        state = json.load(fh)
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    meta = state["optimizer"]
+    opt_state = {"param_groups": meta["param_groups"], "state": {}}
+    for pid, st in meta["state"].items():
+        entry = dict(st)
+        for key, value in tensors.items():
+            p, _, k = key.partition(".")
+            if p == pid:
+                entry[k] = value
+        opt_state["state"][int(pid)] = entry
+    optimizer.load_state_dict(opt_state)
+    return state["step"], state["history"], state["elapsed"]
+
+
+def plot_history(history: list, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for key in ("loss_vtc", "loss_vtm"):
+        axes[0].plot(steps, [h[key] for h in history], label=key)
+    axes[0].set_title("losses")
+    axes[0].legend()
+    for key in ("vtm_acc_pos", "vtm_acc_swap"):
+        axes[1].plot(steps, [h[key] for h in history], label=key)
+    axes[1].set_title("train VTM accuracy (running)")
+    axes[1].legend()
+    axes[2].plot(steps, [h["temp"] for h in history])
+    axes[2].set_title("temperature")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    os.makedirs(args.report_dir, exist_ok=True)
+    ckpt_dir = os.path.join(args.report_dir, "checkpoint")
+    torch.manual_seed(args.seed)
+    tokenizer = build_word_tokenizer(S.VOCAB, max_length=MAX_TEXT_LEN)
+    model = build_model(args, len(tokenizer))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos_embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.98),
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, vision tokens {1 + math.prod(model.config.grid)}", flush=True)
+    step, history, elapsed = 0, [], 0.0
+    if args.resume:
+        if not os.path.isdir(ckpt_dir):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
+        step, history, elapsed = load_state(ckpt_dir, model, optimizer)
+        print(f"resumed at step {step}", flush=True)
+
+    t0 = time.time()
+    pool_videos, pool_specs = render_pool(args.pool_size, "train", args.seed, progress=progress)
+    render_time = time.time() - t0
+    model.train()
+    running: dict = {}
+    bar = tqdm(total=args.steps, initial=step, desc="pretrain VLM", disable=not progress)
+    t_start = time.time() - elapsed
+    while step < args.steps:
+        rng = step_rng(args.seed, step)
+        videos, captions, negatives = make_batch(pool_videos, pool_specs, args.batch_size, rng)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        out = losses(model, tokenizer, videos, captions, negatives, rng)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        for k in ("loss_vtc", "loss_vtm", "vtm_acc_pos", "vtm_acc_swap", "temp"):
+            if not math.isnan(float(out[k])):
+                running[k] = 0.9 * running.get(k, float(out[k])) + 0.1 * float(out[k])
+        if step % 10 == 0 or step == args.steps:
+            history.append({"step": step, **{k: round(v, 5) for k, v in running.items()}})
+            bar.set_postfix(vtc=f"{running['loss_vtc']:.3f}", vtm=f"{running['loss_vtm']:.3f}",
+                            swap_acc=f"{running['vtm_acc_swap']:.2f}")
+        bar.update(1)
+        if step % args.save_every == 0 and step < args.steps:
+            save_state(ckpt_dir, model, optimizer, step, history, time.time() - t_start)
+    bar.close()
+    train_time = time.time() - t_start
+    print(f"trained {args.steps} steps in {train_time:.0f}s (+{render_time:.0f}s rendering the pool)", flush=True)
+
+    backbone = InternVideo2Backbone(model, tokenizer).eval()
+    shutil.rmtree(args.out, ignore_errors=True)
+    backbone.save_pretrained(args.out)
+    t1 = time.time()
+    metrics = evaluate(backbone, args, progress)
+    eval_time = time.time() - t1
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    summary = {
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]) if argv is None else argv,
+        "args": vars(args),
+        "parameters": n_params,
+        "train_seconds": round(train_time, 1),
+        "render_seconds": round(render_time, 1),
+        "eval_seconds": round(eval_time, 1),
+        "final_running": history[-1] if history else None,
+        "metrics": metrics,
+    }
+    with open(os.path.join(args.out, "training_summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    with open(os.path.join(args.report_dir, "metrics.json"), "w") as fh:
+        json.dump(summary | {"history": history}, fh, indent=1)
+    plot_history(history, os.path.join(args.report_dir, "curves.png"))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    h = metrics["heldout"]
+    print(json.dumps(metrics, indent=1))
+    print(
+        f"held-out: t2v R@1 {h['retrieval']['t2v_r1']:.3f}, v2t R@1 {h['retrieval']['v2t_r1']:.3f} (batches of 64); "
+        f"VTM matched>swapped {h['swap']['all']['rank_acc']:.3f}, threshold acc {h['swap']['all']['threshold_acc']:.3f}; "
+        f"saved {args.out} ({size / 1e6:.2f} MB)",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
