@@ -16,6 +16,7 @@ from pisces_fast.training.config import config_from_argv, parse_overrides
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
+    config_path = None
     try:
         config_path, _ = parse_overrides(argv)
         defaults = None
@@ -25,7 +26,13 @@ def main(argv=None) -> dict:
             defaults = WORLD_DEFAULTS
         cfg = config_from_argv(argv, defaults=defaults)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        sys.exit(f"train.py: {exc}")
+        hint = ""
+        if config_path is None and isinstance(exc, FileNotFoundError):
+            hint = ("\n(the embedded-world job needs the world models in pisces_fast/assets/world/; make them with "
+                    "`python scripts/pretrain_world_vlm.py --out pisces_fast/assets/world/vlm` and "
+                    "`python scripts/pretrain_world_generator.py --vlm pisces_fast/assets/world/vlm --out pisces_fast/assets/world/generator`, "
+                    "or pass --config for another job)")
+        sys.exit(f"train.py: {exc}{hint}")
     if cfg.world.enabled:
         from pisces_fast.training.world_job import run_world_job
 
