@@ -14,7 +14,7 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -195,6 +195,3 @@ def plot_sweeps(rows: Sequence[Row], sweeps: Dict[str, Sequence[Row]], filename:
     plt.close(fig)
     return path
 
-
-def rows_as_dicts(rows: Sequence[Row]):
-    return [dict(asdict(r), median=r.median) for r in rows]

@@ -82,9 +82,11 @@ def table5(
 
 
 def table8(backbone, videos: torch.Tensor, prompts: Sequence[str], *, backend: str = "auto", batch_size: int = 16,
-           progress: bool = True) -> str:
-    """Table-8-style VTM accuracies on ``backbone`` for matched/mismatched pairs of ``videos``/``prompts``."""
-    probs = vtm_probabilities(backbone, videos, prompts, table8_variants(backend), batch_size=batch_size, progress=progress)
+           negatives: Optional[Sequence[str]] = None, title: Optional[str] = None, progress: bool = True) -> str:
+    """Table-8-style VTM accuracies on ``backbone`` for matched/mismatched pairs of ``videos``/``prompts``
+    (mismatched: ``negatives[i]`` for video i if given, else another prompt of the set)."""
+    probs = vtm_probabilities(backbone, videos, prompts, table8_variants(backend), negatives=negatives,
+                              batch_size=batch_size, progress=progress)
     base = None
     rows = []
     for name, (pos, neg) in probs.items():
@@ -94,7 +96,7 @@ def table8(backbone, videos: torch.Tensor, prompts: Sequence[str], *, backend: s
         rows.append((name, f"{acc:.2f}", change, float(pos.mean()), float(neg.mean())))
     return format_table(
         ["Method", "VTM Acc. (%)", "Change", "mean P(match) pos", "mean P(match) neg"], rows,
-        title=f"Table 8-style VTM accuracy ({len(prompts)} matched + {len(prompts)} mismatched pairs)",
+        title=title or f"Table 8-style VTM accuracy ({len(prompts)} matched + {len(prompts)} mismatched pairs)",
     )
 
 

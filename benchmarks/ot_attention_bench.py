@@ -131,7 +131,8 @@ def run(args):
         f"M = {headline[1] * GRID * GRID + 1}, sweep over problems": (
             "P", [r for r in rows if r.shape["M"] == headline[1] * GRID * GRID + 1]),
     }
-    png = plot_sweeps(rows, sweeps, f"ot_attention_{device.type}{'_quick' if args.quick else ''}.png",
+    tag = ("_quick" if args.quick else "") + ("_headline" if args.no_sweep else "")
+    png = plot_sweeps(rows, sweeps, f"ot_attention_{device.type}{tag}_{torch.get_num_threads()}t.png",
                       f"OT attention ({N_TEXT} x M, D={HEAD_DIM}, {iters} it., {args.dtype}) on {device_name(device)}")
     print(f"\nrows appended to {csv_path}; plot {png}")
     return rows

@@ -140,7 +140,8 @@ def run(args):
         f"P = {headline[0]} problems, sweep over M": ("M", [r for r in rows if r.shape["P"] == headline[0]]),
         f"M = {headline[1]}, sweep over problem count": ("P", [r for r in rows if r.shape["M"] == headline[1]]),
     }
-    png = plot_sweeps(rows, sweeps, f"sinkhorn_{device.type}{'_quick' if args.quick else ''}.png",
+    tag = ("_quick" if args.quick else "") + ("_headline" if args.no_sweep else "")
+    png = plot_sweeps(rows, sweeps, f"sinkhorn_{device.type}{tag}_{torch.get_num_threads()}t.png",
                       f"Sinkhorn ({N_TEXT} x M, {iters} it., {args.dtype}) on {device_name(device)}")
     print(f"\nrows appended to {csv_path}; plot {png}")
     return rows

@@ -444,12 +444,12 @@ SinkhornResult sinkhorn_solve(const T* cost, int64_t cost_stride, const bool* ro
   P.log_mu = ws.log_mu.reserve(P.Nw);
   P.log_nu = ws.log_nu.reserve(P.Mw);
   P.col_valid = ws.col_valid.reserve(P.Mw);
-  P.row_valid = ws.row_tmp2.reserve(P.Nw);
+  P.row_valid = ws.row_valid.reserve(P.Nw);
   int32_t* rows = ws.valid_rows.reserve(N);
   T* lu[2] = {ws.lu[0].reserve(P.Nw), ws.lu[1].reserve(P.Nw)};
   T* lv[2] = {ws.lv[0].reserve(P.Mw), ws.lv[1].reserve(P.Mw)};
-  // Scratch of length max(Nw, N * W) for row sums / row maxima / row-sum accumulators.
-  T* rs = ws.row_tmp.reserve(std::max<int64_t>(P.Nw, 2 * P.Nw));
+  // Row scratch: sums and maxima (Nw each); per-row vector accumulators S (N x W) and weights z (Nw).
+  T* rs = ws.row_sums.reserve(static_cast<size_t>(2 * P.Nw));
   T* rm = rs + P.Nw;
   T* S = ws.row_acc.reserve(static_cast<size_t>(N * W + P.Nw));
   T* z = S + N * W;

@@ -51,7 +51,7 @@ template <typename T>
 struct SinkhornWorkspace {
   AlignedBuffer<T> kernel;  // N x Mw: K' (scaling) or log K (log domain)
   AlignedBuffer<T> lu[2], lv[2];
-  AlignedBuffer<T> log_mu, log_nu, col_valid, row_tmp, row_tmp2, row_acc;
+  AlignedBuffer<T> log_mu, log_nu, col_valid, row_valid, row_sums, row_acc;
   AlignedBuffer<int32_t> valid_rows;
 };
 

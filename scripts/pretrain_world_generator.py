@@ -59,13 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool_size", type=int, default=6144, help="train clips rendered and encoded once")
     # VAE stage
-    p.add_argument("--vae_steps", type=int, default=300)
-    p.add_argument("--vae_batch", type=int, default=48, help="frames per VAE step")
+    p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--vae_batch", type=int, default=32, help="frames per VAE step")
     p.add_argument("--vae_lr", type=float, default=2e-3)
     p.add_argument("--vae_kl", type=float, default=1e-4, help="KL weight per latent element")
     # UNet stage
-    p.add_argument("--steps", type=int, default=900)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch_size", type=int, default=12)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--cfg_drop", type=float, default=0.1, help="share of captions replaced by '' (classifier-free guidance)")
@@ -231,12 +231,29 @@ def load_unet_state(path, unet, ema, optimizer):
 # stage 1: the VAE
 # ------------------------------------------------------------------------------------------------------
 def train_vae(args, pool_videos, progress: bool):
+    from safetensors.torch import load_file, save_file
+
     torch.manual_seed(args.seed)
     vae = build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     frames = pool_videos.flatten(0, 1)  # (N*T, 3, H, W) uint8
-    history = []
-    bar = tqdm(range(args.vae_steps), desc="pretrain VAE", disable=not progress)
+    history, start = [], 0
+    ckpt = os.path.join(args.report_dir, "vae_checkpoint")
+    if args.resume and os.path.isdir(ckpt):
+        vae.load_state_dict(load_file(os.path.join(ckpt, "vae.safetensors")))
+        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True))
+        with open(os.path.join(ckpt, "state.json")) as fh:
+            state = json.load(fh)
+        start, history = state["step"], state["history"]
+        print(f"resumed VAE training at step {start}", flush=True)
+
+    def write_checkpoint(tmp, step):
+        save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, os.path.join(tmp, "vae.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))  # tensors and numbers only
+        with open(os.path.join(tmp, "state.json"), "w") as fh:
+            json.dump({"step": step, "history": history}, fh)
+
+    bar = tqdm(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc="pretrain VAE", disable=not progress)
     for step in bar:
         rng = step_rng(args.seed, 1, step)
         idx = torch.from_numpy(rng.choice(len(frames), size=args.vae_batch, replace=False))
@@ -257,6 +274,8 @@ def train_vae(args, pool_videos, progress: bool):
         if step % 10 == 0 or step == args.vae_steps - 1:
             history.append({"step": step + 1, "rec": float(rec), "kl": float(kl)})
             bar.set_postfix(rec=f"{float(rec):.4f}", kl=f"{float(kl):.2f}")
+        if (step + 1) % args.save_every == 0 and step + 1 < args.vae_steps:
+            atomic_dir(ckpt, lambda tmp: write_checkpoint(tmp, step + 1))
     vae.eval().requires_grad_(False)
     # Unit-variance latents for the diffusion model (Stable Diffusion's scaling_factor, measured on the data).
     with torch.no_grad():
@@ -464,6 +483,7 @@ def main(argv=None):
                 json.dump({"seconds": vae_seconds, "history": vae_history}, fh)
 
         atomic_dir(vae_dir, write_vae)
+        shutil.rmtree(os.path.join(args.report_dir, "vae_checkpoint"), ignore_errors=True)
     if os.path.isfile(os.path.join(vae_dir, "vae_history.json")):
         with open(os.path.join(vae_dir, "vae_history.json")) as fh:
             saved = json.load(fh)
@@ -532,7 +552,10 @@ def main(argv=None):
     gen.denoiser = ema
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
-    ema.save_pretrained(os.path.join(args.out, "unet"))
+    # float16 storage keeps the shipped world under its 20 MB budget (loaded back as float32); the
+    # evaluation below runs on the same rounded weights.
+    ema.half().save_pretrained(os.path.join(args.out, "unet"))
+    ema.float()
     gen.scheduler.save_pretrained(os.path.join(args.out, "scheduler"))
     vae.save_pretrained(os.path.join(args.out, "vae"))
     bert.save_pretrained(os.path.join(args.out, "text_encoder"))

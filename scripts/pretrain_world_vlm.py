@@ -1,13 +1,14 @@
 """Pretrain the shapes world's video-text model (the reward backbone the embedded world ships).
 
 A small InternVideo2-stage-2-style model (``pisces_fast.rewards.backbones.InternVideo2``: a video ViT over
-8x4x4 spatio-temporal patches of 8x32x32 clips plus [CLS], a BERT whose last 2 layers cross-attend to the
-video tokens, a VTM head, projections into a 64-d joint space) is trained on the train split of
+2x4x4 spatio-temporal patches -- 4-frame tubelets of 8x8 pixels -- of 8x32x32 clips plus [CLS], a BERT whose
+last 2 layers cross-attend to the video tokens, a VTM head, projections into a 64-d joint space) is trained on the train split of
 ``pisces_fast.data.shapes`` with InternVideo2's two stage-2 losses:
 
 * video-text contrastive (VTC), both directions; the video->text side also contrasts every clip against
   an attribute-swapped caption of each clip in the batch (``shapes.hard_negatives``: color, shape, size,
-  direction, relation, binding, count), so the joint space must encode *which* attribute is where;
+  direction, relation, binding, count; the hard kinds drawn more often), so the joint space must encode
+  *which* attribute is where;
 * video-text matching (VTM) on the [CLS] of the fusion layers: the positive pair, an in-batch negative video
   (sampled by contrastive similarity, InternVideo2's ``vtm_hard_neg``) and a negative caption -- the
   attribute-swapped one for half of the clips, else an in-batch caption sampled by similarity -- class-balanced.
@@ -54,6 +55,10 @@ from pisces_fast.rewards.tokenizer import build_word_tokenizer
 # Longest caption: 17 words (commas included) + [CLS] + [SEP] = 19 tokens.
 MAX_TEXT_LEN = 24
 NEGATIVE_KINDS = S.NEGATIVE_KINDS
+# How often each kind of attribute swap is drawn as a clip's negative caption: the kinds that need the whole
+# clip (motion direction, spatial relation) or binding are drawn more, the ones one patch shows (color,
+# size, count) less -- without this weighting a short run learns the easy kinds only.
+NEGATIVE_WEIGHTS = {"color": 1.0, "shape": 2.0, "size": 1.0, "direction": 3.0, "relation": 3.0, "binding": 2.0, "count": 1.0}
 
 
 def parse_args(argv=None):
@@ -61,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="pisces_fast/assets/world/vlm", help="where the model is saved (package assets)")
     p.add_argument("--report_dir", default="outputs/world_vlm", help="curves, metrics and the resumable checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
@@ -75,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--fusion_layers", type=int, default=2)
     p.add_argument("--embed_dim", type=int, default=64)
     p.add_argument("--patch_size", type=int, default=8)
-    p.add_argument("--tubelet_size", type=int, default=2, help="frames per token (2: 4x4x4 tokens + [CLS] = 65)")
+    p.add_argument("--tubelet_size", type=int, default=4,
+                   help="frames per token (4: 2x4x4 tokens + [CLS] = 33; a token sees ~3 px of motion, so direction is local)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from <report_dir>/checkpoint")
@@ -137,9 +143,10 @@ def make_batch(pool_videos, pool_specs, batch_size: int, rng: np.random.Generato
     for i in idx:
         video, spec = augment(pool_videos[i].float() / 255.0, pool_specs[i], rng.random() < 0.5, rng.random() < 0.5)
         options = S.hard_negatives(spec, rng)  # default forbids held-out color-shape pairs even in negatives
+        weights = np.array([NEGATIVE_WEIGHTS[o.kind] for o in options], dtype=np.float64)
         videos.append(video)
         captions.append(S.caption_of(spec))
-        negatives.append(options[int(rng.integers(len(options)))].caption)
+        negatives.append(options[int(rng.choice(len(options), p=weights / weights.sum()))].caption)
     return torch.stack(videos), captions, negatives
 
 

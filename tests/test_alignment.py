@@ -156,3 +156,25 @@ def test_benchmark_cli_reads_embedding_files(tmp_path, capsys):
     assert "48 train / 12 held-out pairs, d=6" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError):
         bench.main(["--text", str(tmp_path / "missing.pt"), "--video", str(tmp_path / "v.safetensors"), "--skip-table8"])
+
+
+def test_vtm_probabilities_with_explicit_negatives():
+    """Hard negatives: the mismatched pair of video i is (video i, negatives[i]); a negative list equal to
+    another clip's prompts reproduces that clip's matched probability, and bad lists are refused."""
+    from pisces_fast.rewards import vtm_probabilities
+
+    bench = _load_benchmark()
+    backbone, videos, prompts = bench.tiny_world(n=4)
+    variants = {"vanilla": None}
+    rolled = prompts[1:] + prompts[:1]
+    pos, neg = vtm_probabilities(backbone, videos, prompts, variants, negatives=rolled, progress=False)["vanilla"]
+    assert pos.shape == neg.shape == (len(prompts),)
+    # (video i, prompt i+1) scored directly: the same number as the mismatched entry.
+    direct, _ = vtm_probabilities(backbone, videos, rolled, variants, negatives=prompts, progress=False)["vanilla"]
+    torch.testing.assert_close(neg, direct, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="negatives: expected one caption per prompt"):
+        vtm_probabilities(backbone, videos, prompts, variants, negatives=rolled[:-1], progress=False)
+    with pytest.raises(ValueError, match="equals its video's prompt"):
+        vtm_probabilities(backbone, videos, prompts, variants, negatives=list(prompts), progress=False)
+    t8 = bench.table8(backbone, videos, prompts, backend="reference", negatives=rolled, title="hard", progress=False)
+    assert t8.splitlines()[0].startswith("hard")

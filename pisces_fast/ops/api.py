@@ -255,12 +255,15 @@ def ot_attention(
     impl = resolve_backend(backend, device)
 
     work = compute_dtype(q.dtype)
+    # Only the Triton kernel can skip writing the (B, H, N, M) plan (its backward recomputes it from the
+    # saved potentials); the reference and C++ paths keep the plan for their backward anyway.
+    extra = {"return_plan": return_plan} if impl == "triton" else {}
     out, plan = _backend_module(impl).ot_attention(
         q.to(work), k.to(work), v.to(work),
         frame_idx.to(device=device, dtype=work), coords.to(device=device, dtype=work),
         gamma=gamma, eta=eta, eps=eps, mass=mass, max_iter=max_iter, tol=tol,
         fuse_eps=fuse_eps, scale=scale,
-        key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+        key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, **extra,
     )
     out = out.to(q.dtype)
     return (out, plan.to(q.dtype)) if return_plan else out

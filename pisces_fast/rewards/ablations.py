@@ -55,6 +55,7 @@ def vtm_probabilities(
     prompts: Sequence[str],
     variants: Optional[Mapping[str, Optional[POTConfig]]] = None,
     *,
+    negatives: Optional[Sequence[str]] = None,
     batch_size: int = 16,
     progress: bool = True,
 ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -64,6 +65,8 @@ def vtm_probabilities(
         backbone: the VTM model.
         videos: ``(n, T, 3, H, W)`` in [0, 1]; prompts: their n captions.
         variants: name → :class:`POTConfig` or None (default :func:`table8_variants`).
+        negatives: the mismatched caption of each video (e.g. an attribute-swapped one, the hard case);
+            default: the nearest following different prompt of the set (:func:`mismatched_indices`).
 
     Returns:
         name → ``(matched (n,), mismatched (n,))`` probabilities on CPU.
@@ -72,8 +75,19 @@ def vtm_probabilities(
 
     prompts = check_prompts(prompts, batch=videos.shape[0] if isinstance(videos, torch.Tensor) and videos.dim() == 5 else None)
     variants = dict(table8_variants() if variants is None else variants)
-    neg = mismatched_indices(prompts)
-    text_all = backbone.encode_text(prompts)
+    if negatives is None:
+        neg = mismatched_indices(prompts)
+        text_all = backbone.encode_text(prompts)
+    else:
+        if isinstance(negatives, str) or len(negatives) != len(prompts):
+            raise ValueError(f"negatives: expected one caption per prompt ({len(prompts)}), got "
+                             f"{'a str' if isinstance(negatives, str) else len(negatives)}")
+        negatives = check_prompts(negatives)
+        if any(n == p for n, p in zip(negatives, prompts)):
+            raise ValueError("negatives: a mismatched caption equals its video's prompt")
+        # One text batch: rows [0, n) are the prompts, rows [n, 2n) their negatives.
+        neg = torch.arange(len(prompts), 2 * len(prompts))
+        text_all = backbone.encode_text(list(prompts) + list(negatives))
     out: Dict[str, List[List[torch.Tensor]]] = {name: [[], []] for name in variants}
     was_training = backbone.training
     backbone.eval()

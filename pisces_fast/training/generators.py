@@ -356,8 +356,10 @@ class VideoGenerator:
 
     @torch.no_grad()
     def sample(self, forward: Callable, prompts: list[str], num_steps: int, guidance_scale: float = 1.0,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Deterministic sampler (DDIM eta=0 / flow Euler ODE) -> pixel video (B, T, 3, H, W)."""
+               generator: Optional[torch.Generator] = None, on_step: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        """Deterministic sampler (DDIM eta=0 / flow Euler ODE) -> pixel video (B, T, 3, H, W).
+
+        ``on_step`` is called after every denoising step (a progress bar's update)."""
         from .diffusion_math import ddim_step
 
         cond = self.encode_text(prompts)
@@ -369,10 +371,14 @@ class VideoGenerator:
             for t in ts:
                 out = self.guided(forward, x, t, cond, uncond, guidance_scale)
                 x = ddim_step(self.alpha_at(x, t), self.alpha_at(x, t - ratio), x, out)
+                if on_step is not None:
+                    on_step()
         else:
             for i in range(len(ts) - 1):
                 v = self.guided(forward, x, ts[i], cond, uncond, guidance_scale)
                 x = x + (ts[i + 1] - ts[i]) * v
+                if on_step is not None:
+                    on_step()
         return self.decode_latents(x)
 
 
@@ -472,6 +478,14 @@ def _class_name(directory: str) -> str:
         return json.load(fh).get("_class_name", "")
 
 
+def _version_at_least(version: str, minimum: tuple) -> bool:
+    parts = []
+    for piece in version.split(".")[: len(minimum)]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) >= minimum
+
+
 def load_generator(path: str, num_frames: int = 8, height: Optional[int] = None, width: Optional[int] = None,
                    dtype: str = "float32", text_max_length: int = 16) -> VideoGenerator:
     """Load a diffusers-format directory. Layout:
@@ -533,7 +547,9 @@ def load_generator(path: str, num_frames: int = 8, height: Optional[int] = None,
         if not os.path.isdir(tok_dir):
             raise FileNotFoundError(f"model path {path}: text_encoder/ needs a tokenizer/ subfolder")
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
-        te = transformers.AutoModel.from_pretrained(te_dir, torch_dtype=torch_dtype)
+        # transformers >= 4.56 names the argument `dtype` (and warns on `torch_dtype`); older releases only know `torch_dtype`.
+        dtype_kw = "dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"
+        te = transformers.AutoModel.from_pretrained(te_dir, **{dtype_kw: torch_dtype})
         if hasattr(te, "get_encoder") and getattr(te.config, "is_encoder_decoder", False):
             te = te.get_encoder()
         text = TransformersTextEncoder(te, tokenizer, text_max_length,

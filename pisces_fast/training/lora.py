@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -43,7 +44,10 @@ def add_lora(denoiser: nn.Module, rank: int, alpha: float, target_modules, dropo
     for target in target_modules:
         if not any(n == target or n.endswith("." + target) for n in names):
             raise ValueError(f"lora.target_modules: no module named {target!r} in {type(denoiser).__name__}")
-    inject_adapter_in_model(_peft_config(rank, alpha, target_modules, dropout, init), denoiser, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # A second adapter (the EMA target network) is intended; peft warns about any second one.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(_peft_config(rank, alpha, target_modules, dropout, init), denoiser, adapter_name=adapter_name)
     for n, p in denoiser.named_parameters():
         p.requires_grad_(f".{ADAPTER}." in n and "lora_" in n)
     set_active_adapter(denoiser, ADAPTER)

@@ -118,13 +118,19 @@ def sample_and_score(trainer, prompts: list, cfg: TrainConfig, *, adapter: bool)
 
     from .lora import adapter_disabled
 
+    from tqdm.auto import tqdm
+
     w = cfg.world
     videos = []
+    bar = tqdm(total=len(w.eval_seeds) * w.eval_steps, desc=f"sample {'after' if adapter else 'before'}",
+               disable=trainer.rank != 0)
     for seed in w.eval_seeds:
         g = torch.Generator().manual_seed(int(seed))
         ctx = _nullcontext() if adapter else adapter_disabled(trainer.gen.denoiser)
         with ctx:
-            videos.append(trainer.gen.sample(trainer.backend.forward, prompts, w.eval_steps, w.eval_guidance, generator=g))
+            videos.append(trainer.gen.sample(trainer.backend.forward, prompts, w.eval_steps, w.eval_guidance, generator=g,
+                                             on_step=lambda: bar.update(1)))
+    bar.close()
     videos = torch.cat(videos).float().clamp(0, 1).cpu()
     captions = prompts * len(w.eval_seeds)
     scores = analyze(videos, captions)
