@@ -76,6 +76,7 @@ setup(
     install_requires=[
         "torch>=2.4,<2.15",
         "numpy>=1.24",
+        "packaging>=23.0",
         "diffusers>=0.32",
         "transformers>=4.46",
         "peft>=0.13",

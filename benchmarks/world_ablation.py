@@ -36,6 +36,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -161,8 +162,6 @@ def analyses(args) -> str:
                 progress=not args.no_progress)
 
     held = S.make_clips(args.table8_clips, split="heldout", seed=78)
-    import numpy as np
-
     rng = np.random.default_rng(0)
     swapped = []
     for spec in held.specs:

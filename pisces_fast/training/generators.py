@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from packaging.version import Version
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -478,14 +479,6 @@ def _class_name(directory: str) -> str:
         return json.load(fh).get("_class_name", "")
 
 
-def _version_at_least(version: str, minimum: tuple) -> bool:
-    parts = []
-    for piece in version.split(".")[: len(minimum)]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts) >= minimum
-
-
 def load_generator(path: str, num_frames: int = 8, height: Optional[int] = None, width: Optional[int] = None,
                    dtype: str = "float32", text_max_length: int = 16) -> VideoGenerator:
     """Load a diffusers-format directory. Layout:
@@ -548,7 +541,7 @@ def load_generator(path: str, num_frames: int = 8, height: Optional[int] = None,
             raise FileNotFoundError(f"model path {path}: text_encoder/ needs a tokenizer/ subfolder")
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
         # transformers >= 4.56 names the argument `dtype` (and warns on `torch_dtype`); older releases only know `torch_dtype`.
-        dtype_kw = "dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"
+        dtype_kw = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
         te = transformers.AutoModel.from_pretrained(te_dir, **{dtype_kw: torch_dtype})
         if hasattr(te, "get_encoder") and getattr(te.config, "is_encoder_decoder", False):
             te = te.get_encoder()

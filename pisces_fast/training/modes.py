@@ -6,6 +6,7 @@ the LoRA adapter disabled, the EMA target theta^- a second (frozen) adapter.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -89,7 +90,7 @@ class ConsistencyDistillation(_Mode):
                 z_end = ab_end.sqrt() * x0_teacher + (1 - ab_end).sqrt() * teacher
             else:
                 z_end = z_t + bcast(t_end - t_start, z_t) * teacher  # Euler step of the flow ODE
-            ctx = active_adapter(self.denoiser, EMA_ADAPTER) if self.ema_decay else _null()
+            ctx = active_adapter(self.denoiser, EMA_ADAPTER) if self.ema_decay else contextlib.nullcontext()
             with ctx:
                 out_target = gen.denoise(self.forward, z_end, t_end, cond)
             target = self._boundary(z_end, gen.x0_from_output(z_end, out_target, t_end), te_scaled)
@@ -118,14 +119,6 @@ class ConsistencyDistillation(_Mode):
         params = [p for _, p in lora_parameters(self.denoiser)] + [p for _, p in lora_parameters(self.denoiser, EMA_ADAPTER)]
         with self.backend.gathered(params, modifier_rank=0):
             ema_update(self.denoiser, self.ema_decay)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 class GRPO(_Mode):

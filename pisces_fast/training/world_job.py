@@ -16,6 +16,7 @@ isolates what post-training changed in the denoiser.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -116,9 +117,9 @@ def sample_and_score(trainer, prompts: list, cfg: TrainConfig, *, adapter: bool)
     """Sample every prompt with each eval seed (same noise for before and after); analyze."""
     from pisces_fast.eval.analyzer import analyze
 
-    from .lora import adapter_disabled
-
     from tqdm.auto import tqdm
+
+    from .lora import adapter_disabled
 
     w = cfg.world
     videos = []
@@ -126,7 +127,7 @@ def sample_and_score(trainer, prompts: list, cfg: TrainConfig, *, adapter: bool)
                disable=trainer.rank != 0)
     for seed in w.eval_seeds:
         g = torch.Generator().manual_seed(int(seed))
-        ctx = _nullcontext() if adapter else adapter_disabled(trainer.gen.denoiser)
+        ctx = contextlib.nullcontext() if adapter else adapter_disabled(trainer.gen.denoiser)
         with ctx:
             videos.append(trainer.gen.sample(trainer.backend.forward, prompts, w.eval_steps, w.eval_guidance, generator=g,
                                              on_step=lambda: bar.update(1)))
@@ -135,14 +136,6 @@ def sample_and_score(trainer, prompts: list, cfg: TrainConfig, *, adapter: bool)
     captions = prompts * len(w.eval_seeds)
     scores = analyze(videos, captions)
     return videos, scores
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def summarize(scores: dict) -> dict:
