@@ -1,7 +1,8 @@
 """Shared timing, reporting and plotting for the benchmarks in this folder.
 
 Conventions (both benchmarks): warm up first, then time `repeats` calls and report the median
-(perf_counter on CPU, CUDA events on GPU); ratios are against the eager reference at the same
+(torch.utils.benchmark.Timer on CPU, one call per measurement so slow and fast implementations get the
+same statistics; CUDA events on GPU); ratios are against the eager reference at the same
 shape; every row is appended to a CSV under benchmarks/results/ with the device, shapes, git
 commit and a timestamp; a PNG plot of the sweeps is written next to it.
 """
@@ -13,13 +14,21 @@ import os
 import platform
 import statistics
 import subprocess
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.utils.benchmark as benchmark
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def load_average() -> str:
+    """`uptime`'s 1-minute load average (the machine is shared: numbers are only as good as the load)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
 
 
 def device_name(device: torch.device) -> str:
@@ -66,6 +75,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
     for _ in range(warmup):
         fn()
     _sync(device)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -76,9 +86,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(timer.timeit(1).median * 1e3)
     return times
 
 

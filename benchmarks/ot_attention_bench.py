@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _compiled_reference  # noqa: E402
-from _harness import Row, append_csv, device_name, fill_ratios, plot_sweeps, print_table, time_fn  # noqa: E402
+from _harness import (Row, append_csv, device_name, fill_ratios, load_average, plot_sweeps, print_table,  # noqa: E402
+                      time_fn)
 
 from pisces_fast import ot_attention, video_token_positions  # noqa: E402
 from pisces_fast.ops import available_backends  # noqa: E402
@@ -48,6 +49,9 @@ def implementations(device: torch.device, iters: int, with_compile: bool):
             continue  # the Triton interpreter is a correctness tool, not something to time
         impls[backend] = functools.partial(ot_attention, eps=EPS, mass=MASS, max_iter=iters, tol=0.0, backend=backend)
         if backend == "cpp":
+            # "auto" (above) stores the Sinkhorn kernel in float16 here; the full-precision kernel explicitly:
+            impls["cpp-float32"] = functools.partial(ot_attention, eps=EPS, mass=MASS, max_iter=iters, tol=0.0,
+                                                     backend=backend, kernel_dtype="float32")
             # The same op without the public API's input validation (NaN/Inf scans etc.).
             from pisces_fast.ops import cpp
 
@@ -77,7 +81,8 @@ def run(args):
         iters = args.iters or 100
     with_compile = not args.no_compile and (args.compile or not args.quick)
     impls = implementations(device, iters, with_compile)
-    print(f"device: {device_name(device)}; dtype {args.dtype}; eps={EPS}, m={MASS}, {iters} iterations, tol=0")
+    print(f"device: {device_name(device)}; dtype {args.dtype}; eps={EPS}, m={MASS}, {iters} iterations, tol=0; "
+          f"load average {load_average()}")
     print(f"implementations: {', '.join(impls)}")
 
     shapes = [headline] + [(headline[0], f) for f in frame_sweep] + [(b, headline[1]) for b in batch_sweep]
@@ -124,8 +129,10 @@ def run(args):
     print_table(head, f"OT attention, headline shape: {headline[0] * HEADS} problems of {N_TEXT} x "
                       f"{headline[1] * GRID * GRID + 1}, D={HEAD_DIM}, {iters} iterations")
     print_table(rows, "All shapes")
+    print(f"load average at the end: {load_average()}")
     csv_path = append_csv(rows, "ot_attention.csv", device, {"dtype": args.dtype, "eps": EPS, "mass": MASS,
-                                                              "threads": torch.get_num_threads()})
+                                                              "threads": torch.get_num_threads(),
+                                                              "load_avg": load_average()})
     sweeps = {
         f"batch {headline[0]} x {HEADS} heads, sweep over M": ("M", [r for r in rows if r.shape["B"] == headline[0]]),
         f"M = {headline[1] * GRID * GRID + 1}, sweep over problems": (

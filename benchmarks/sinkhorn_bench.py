@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _compiled_reference  # noqa: E402
-from _harness import Row, append_csv, device_name, fill_ratios, plot_sweeps, print_table, time_fn  # noqa: E402
+from _harness import (Row, append_csv, device_name, fill_ratios, load_average, plot_sweeps, print_table,  # noqa: E402
+                      time_fn)
 
 from pisces_fast import sinkhorn_unbalanced  # noqa: E402
 from pisces_fast.ops import available_backends, reference  # noqa: E402
@@ -72,6 +73,11 @@ def implementations(device: torch.device, iters: int, with_compile: bool, with_p
         impls[backend] = functools.partial(sinkhorn_unbalanced, eps=EPS, mass=MASS, max_iter=iters, tol=0.0,
                                            backend=backend)
         if backend == "cpp":
+            # kernel_dtype="auto" (the row above) stores the kernel in float16 at this setting; each storage
+            # explicitly, through the public API:
+            for kd in ("float32", "bfloat16", "float16"):
+                impls[f"cpp-{kd}"] = functools.partial(sinkhorn_unbalanced, eps=EPS, mass=MASS, max_iter=iters,
+                                                       tol=0.0, backend=backend, kernel_dtype=kd)
             # The same kernel without the public API's input validation (NaN/Inf scans etc.).
             from pisces_fast.ops import cpp
 
@@ -87,6 +93,44 @@ def implementations(device: torch.device, iters: int, with_compile: bool, with_p
         except ImportError:
             print("POT not installed: skipping the POT rows (pip install pot)")
     return impls
+
+
+def kernel_dtype_errors(args):
+    """Plan error of each cpp kernel storage vs the float64 reference (docs/numerics.md's table).
+
+    Errors: max over entries >= 1e-30 of |P/P64 - 1| (what the a-priori bound is about) and max |P - P64| /
+    max P64; the bound is ``cpp.kernel16_plan_error_bound``. Costs U[0, 1) (the paper's normalized range),
+    eps = 0.05; masks drop ~1/3 of rows and columns on the odd shapes.
+    """
+    from pisces_fast.ops import cpp
+
+    gen = torch.Generator().manual_seed(1)
+    cases = [(8, 40, 2049, 0.9, False), (8, 40, 2049, 0.8, False), (8, 7, 37, 0.9, True), (8, 33, 301, 0.9, True),
+             (4, 40, 4097, 0.9, True), (8, 40, 2049, 0.95, False)]
+    rows = []
+    print("| P x N x M | m (tau) | masked | kernel | plan max rel. error (entries) | max abs. error / max | "
+          "a-priori bound | auto picks |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p, n, m, mass, masked in cases:
+        cost = torch.rand(p, n, m, generator=gen)
+        rows_m = cols_m = None
+        if masked:
+            rows_m = torch.rand(p, n, generator=gen) > 0.35
+            cols_m = torch.rand(p, m, generator=gen) > 0.35
+            rows_m[:, 0] = cols_m[:, 0] = True
+        kw = dict(eps=EPS, mass=mass, max_iter=args.iters or 100, tol=0.0, row_mask=rows_m, col_mask=cols_m)
+        ref64 = reference.sinkhorn_unbalanced(cost.double(), **kw)
+        keep = ref64 > 1e-30
+        auto = cpp.kernel_storage(1.0, EPS, mass, n, m, torch.float32)
+        for kd in ("float32", "bfloat16", "float16"):
+            got = cpp.sinkhorn_unbalanced(cost, kernel_dtype=kd, **kw).double()
+            ent = float(((got - ref64).abs()[keep] / ref64[keep]).max())
+            rel = float((got - ref64).abs().max() / ref64.abs().max())
+            bound = cpp.kernel16_plan_error_bound(mass, kd)
+            rows.append((p, n, m, mass, masked, kd, ent, rel, bound, auto))
+            print(f"| {p} x {n} x {m} | {mass} | {'yes' if masked else 'no'} | {kd} | {ent:.1e} | {rel:.1e} | "
+                  f"{'—' if kd == 'float32' else f'{bound:.1e}'} | {auto} |", flush=True)
+    return rows
 
 
 def run(args):
@@ -107,7 +151,8 @@ def run(args):
         iters = args.iters or 100
     with_compile = not args.no_compile and (args.compile or not args.quick)
     impls = implementations(device, iters, with_compile, not args.no_pot)
-    print(f"device: {device_name(device)}; dtype {args.dtype}; eps={EPS}, m={MASS}, {iters} iterations, tol=0")
+    print(f"device: {device_name(device)}; dtype {args.dtype}; eps={EPS}, m={MASS}, {iters} iterations, tol=0; "
+          f"load average {load_average()}")
     print(f"implementations: {', '.join(impls)}")
 
     shapes = [headline] + [(headline[0], m) for m in m_sweep] + [(p, headline[1]) for p in p_sweep]
@@ -134,8 +179,10 @@ def run(args):
     head = [r for r in rows if (r.shape["P"], r.shape["M"]) == headline]
     print_table(head, f"Sinkhorn, headline shape: {headline[0]} problems of {N_TEXT} x {headline[1]}, {iters} iterations")
     print_table(rows, "All shapes")
+    print(f"load average at the end: {load_average()}")
     csv_path = append_csv(rows, "sinkhorn.csv", device, {"dtype": args.dtype, "eps": EPS, "mass": MASS,
-                                                          "threads": torch.get_num_threads()})
+                                                          "threads": torch.get_num_threads(),
+                                                          "load_avg": load_average()})
     sweeps = {
         f"P = {headline[0]} problems, sweep over M": ("M", [r for r in rows if r.shape["P"] == headline[0]]),
         f"M = {headline[1]}, sweep over problem count": ("P", [r for r in rows if r.shape["M"] == headline[1]]),
@@ -160,7 +207,10 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="with --quick: include the compiled reference (its compilation alone takes ~20-60 s)")
     parser.add_argument("--no-pot", action="store_true", help="skip POT")
-    return run(parser.parse_args(argv))
+    parser.add_argument("--kernel-dtype-errors", action="store_true",
+                        help="only print the plan-error table of the cpp kernel storages (docs/numerics.md)")
+    args = parser.parse_args(argv)
+    return kernel_dtype_errors(args) if args.kernel_dtype_errors else run(args)
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ template <typename T>
 SinkhornResult ot_attention_solve(const T* q, const T* k, const T* v, const T* frame_idx, const T* coords,
                                   const bool* row_mask, const bool* col_mask, int64_t N, int64_t M, int64_t D,
                                   int64_t Dv, const OTAttentionOptions& opt, T* out, T* plan,
-                                  OTAttentionWorkspace<T>& ws) {
+                                  OTAttentionWorkspace<T>& ws, T* row_stats) {
   constexpr int W = Traits<T>::W;
   constexpr int64_t KB = kColVecs * W;  // keys per q.k tile
   typedef Vec<T> V;
@@ -302,7 +302,9 @@ SinkhornResult ot_attention_solve(const T* q, const T* k, const T* v, const T* f
       simd::store(a + j, e);
       sum += e;
     }
-    const T inv = T(1) / simd::hsum<T>(sum);
+    const T total = simd::hsum<T>(sum);
+    if (row_stats != nullptr) row_stats[2 * i] = m + simd::slog<T>(total);
+    const T inv = T(1) / total;
     V st = simd::splat<T>(0), sxv = st, syv = st;
     for (int64_t j = 0; j < Ma; j += W) {
       const V p = simd::load(a + j) * inv;
@@ -376,6 +378,10 @@ SinkhornResult ot_attention_solve(const T* q, const T* k, const T* v, const T* f
     T* a = A + i * Ma;
     if (i >= N || !row_ok(i)) {
       std::fill(a, a + Ma, T(0));
+      if (row_stats != nullptr && i < N) {
+        row_stats[2 * i] = T(0);
+        row_stats[2 * i + 1] = T(1);
+      }
       continue;
     }
     const T* p = plan + i * M;
@@ -387,7 +393,9 @@ SinkhornResult ot_attention_solve(const T* q, const T* k, const T* v, const T* f
       simd::store(a + j, f);
       z += f;
     }
-    const T inv = T(1) / simd::hsum<T>(z);
+    const T zsum = simd::hsum<T>(z);
+    if (row_stats != nullptr) row_stats[2 * i + 1] = zsum;
+    const T inv = T(1) / zsum;
     for (int64_t j = 0; j < Ma; j += W) simd::store(a + j, simd::load(a + j) * inv);
   }
   gemm_fx<T>(A, N4, Ma, v, M, Dv, vb, O);
@@ -404,7 +412,7 @@ template <typename T>
 void ot_attention_batched(const T* q, const T* k, const T* v, const T* frame_idx, const T* coords,
                           const bool* key_mask, const bool* query_mask, int64_t B, int64_t H, int64_t N, int64_t M,
                           int64_t D, int64_t Dv, const OTAttentionOptions& opt, T* out, T* plan, int32_t* n_iter,
-                          bool* used_scaling, int num_threads) {
+                          bool* used_scaling, int num_threads, T* row_stats) {
   const int64_t P = B * H;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, P)));
   std::exception_ptr error;
@@ -414,12 +422,13 @@ void ot_attention_batched(const T* q, const T* k, const T* v, const T* frame_idx
     OTAttentionWorkspace<T> ws;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < P; ++p) {
+      if (opt.sinkhorn.interrupt != nullptr && opt.sinkhorn.interrupt->stopped()) continue;
       const int64_t b = p / H;
       try {
         const SinkhornResult r = ot_attention_solve<T>(
             q + p * N * D, k + p * M * D, v + p * M * Dv, frame_idx, coords,
             query_mask ? query_mask + b * N : nullptr, key_mask ? key_mask + b * M : nullptr, N, M, D, Dv, opt,
-            out + p * N * Dv, plan + p * N * M, ws);
+            out + p * N * Dv, plan + p * N * M, ws, row_stats ? row_stats + p * N * 2 : nullptr);
         if (n_iter) n_iter[p] = r.n_iter;
         if (used_scaling) used_scaling[p] = r.scaling;
       } catch (...) {
@@ -428,6 +437,7 @@ void ot_attention_batched(const T* q, const T* k, const T* v, const T* frame_idx
       }
     }
   }
+  if (opt.sinkhorn.interrupt != nullptr && opt.sinkhorn.interrupt->stopped()) throw Interrupted();
   if (error) std::rethrow_exception(error);
 }
 
@@ -440,7 +450,7 @@ template <typename T>
 void ot_attention_backward_solve(const T* q, const T* k, const T* v, const T* plan, const T* grad_out,
                                  const bool* row_mask, const bool* col_mask, int64_t N, int64_t M, int64_t D,
                                  int64_t Dv, double scale_d, double fuse_eps, T* dq, T* dk, T* dv,
-                                 OTAttentionWorkspace<T>& ws) {
+                                 OTAttentionWorkspace<T>& ws, const T* row_stats) {
   constexpr int W = Traits<T>::W;
   constexpr int64_t KB = kColVecs * W;
   typedef Vec<T> V;
@@ -479,6 +489,21 @@ void ot_attention_backward_solve(const T* q, const T* k, const T* v, const T* pl
       zr[i] = T(1);
       continue;
     }
+    const T* p = plan + i * M;
+    const int64_t m_full = M / W * W;
+    if (row_stats != nullptr) {
+      // One pass: A = exp(s - lse), F = (A + fe)(P + fe) / Z with the forward's lse and Z.
+      const T lse = row_stats[2 * i], invz = T(1) / row_stats[2 * i + 1];
+      zr[i] = row_stats[2 * i + 1];
+      for (int64_t j = 0; j < Ma; j += W) {
+        const IVec<T> ok = simd::load(cv + j) != T(0);
+        const V aj = simd::select<T>(ok, simd::vexp(simd::load(a + j) * scale - lse), simd::splat<T>(0));
+        simd::store(a + j, aj);
+        const V pj = j < m_full ? simd::load(p + j) : (j < M ? simd::load_partial(p + j, M - j) : simd::splat<T>(0));
+        simd::store(f + j, simd::select<T>(ok, (aj + fe) * (pj + fe) * invz, simd::splat<T>(0)));
+      }
+      continue;
+    }
     V mx = simd::splat(ninf);
     for (int64_t j = 0; j < Ma; j += W) {
       const V sc = simd::select<T>(simd::load(cv + j) != T(0), simd::load(a + j) * scale, simd::splat(ninf));
@@ -493,8 +518,6 @@ void ot_attention_backward_solve(const T* q, const T* k, const T* v, const T* pl
       sum += e;
     }
     const T inv = T(1) / simd::hsum<T>(sum);
-    const T* p = plan + i * M;
-    const int64_t m_full = M / W * W;
     V z = simd::splat<T>(0);
     for (int64_t j = 0; j < Ma; j += W) {
       const V aj = simd::load(a + j) * inv;
@@ -549,7 +572,7 @@ template <typename T>
 void ot_attention_backward_batched(const T* q, const T* k, const T* v, const T* plan, const T* grad_out,
                                    const bool* key_mask, const bool* query_mask, int64_t B, int64_t H, int64_t N,
                                    int64_t M, int64_t D, int64_t Dv, double scale, double fuse_eps, T* dq, T* dk,
-                                   T* dv, int num_threads) {
+                                   T* dv, int num_threads, const T* row_stats) {
   const int64_t P = B * H;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, P)));
   std::exception_ptr error;
@@ -564,7 +587,8 @@ void ot_attention_backward_batched(const T* q, const T* k, const T* v, const T* 
         ot_attention_backward_solve<T>(q + p * N * D, k + p * M * D, v + p * M * Dv, plan + p * N * M,
                                        grad_out + p * N * Dv, query_mask ? query_mask + b * N : nullptr,
                                        key_mask ? key_mask + b * M : nullptr, N, M, D, Dv, scale, fuse_eps,
-                                       dq + p * N * D, dk + p * M * D, dv + p * M * Dv, ws);
+                                       dq + p * N * D, dk + p * M * D, dv + p * M * Dv, ws,
+                                       row_stats ? row_stats + p * N * 2 : nullptr);
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (!error) error = std::current_exception();
@@ -577,16 +601,16 @@ void ot_attention_backward_batched(const T* q, const T* k, const T* v, const T* 
 #define PISCES_INSTANTIATE(T)                                                                                     \
   template SinkhornResult ot_attention_solve<T>(const T*, const T*, const T*, const T*, const T*, const bool*,     \
                                                 const bool*, int64_t, int64_t, int64_t, int64_t,                   \
-                                                const OTAttentionOptions&, T*, T*, OTAttentionWorkspace<T>&);      \
+                                                const OTAttentionOptions&, T*, T*, OTAttentionWorkspace<T>&, T*);  \
   template void ot_attention_batched<T>(const T*, const T*, const T*, const T*, const T*, const bool*, const bool*, \
                                         int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,                      \
-                                        const OTAttentionOptions&, T*, T*, int32_t*, bool*, int);              \
+                                        const OTAttentionOptions&, T*, T*, int32_t*, bool*, int, T*);          \
   template void ot_attention_backward_batched<T>(const T*, const T*, const T*, const T*, const T*, const bool*,    \
                                                  const bool*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                                 double, double, T*, T*, T*, int);                                \
+                                                 double, double, T*, T*, T*, int, const T*);                      \
   template void ot_attention_backward_solve<T>(const T*, const T*, const T*, const T*, const T*, const bool*,      \
                                                const bool*, int64_t, int64_t, int64_t, int64_t, double, double,    \
-                                               T*, T*, T*, OTAttentionWorkspace<T>&);
+                                               T*, T*, T*, OTAttentionWorkspace<T>&, const T*);
 PISCES_INSTANTIATE(float)
 PISCES_INSTANTIATE(double)
 #undef PISCES_INSTANTIATE

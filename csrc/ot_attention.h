@@ -33,33 +33,37 @@ struct OTAttentionWorkspace {
 };
 
 // One problem: q (N, D), k (M, D), v (M, Dv), frame_idx (M), coords (M, 2), all contiguous;
-// row_mask (N) / col_mask (M) may be null. Writes out (N, Dv) and plan (N, M).
+// row_mask (N) / col_mask (M) may be null. Writes out (N, Dv) and plan (N, M), and, when row_stats
+// (N, 2) is given, each row's (log-sum-exp of the scaled scores over real keys, sum of the fused
+// (A + fe)(P + fe)) for the backward ((0, 1) on padded rows).
 template <typename T>
 SinkhornResult ot_attention_solve(const T* q, const T* k, const T* v, const T* frame_idx, const T* coords,
                                   const bool* row_mask, const bool* col_mask, int64_t N, int64_t M, int64_t D,
                                   int64_t Dv, const OTAttentionOptions& opt, T* out, T* plan,
-                                  OTAttentionWorkspace<T>& ws);
+                                  OTAttentionWorkspace<T>& ws, T* row_stats = nullptr);
 
 // B x H problems; key_mask (B, M) and query_mask (B, N) are shared by the heads (or null).
 template <typename T>
 void ot_attention_batched(const T* q, const T* k, const T* v, const T* frame_idx, const T* coords,
                           const bool* key_mask, const bool* query_mask, int64_t B, int64_t H, int64_t N, int64_t M,
                           int64_t D, int64_t Dv, const OTAttentionOptions& opt, T* out, T* plan, int32_t* n_iter,
-                          bool* used_scaling, int num_threads);
+                          bool* used_scaling, int num_threads, T* row_stats = nullptr);
 
 // Gradients of `out` w.r.t. q, k, v with the plan held fixed (it is a detached prior): the
 // reference's autograd graph written out, recomputing A from q, k. One problem; grad_out (N, Dv);
 // writes dq (N, D), dk (M, D), dv (M, Dv). Padded query rows get 0 gradient and contribute none.
+// With the forward's row_stats (N, 2), A = exp(s - lse) and F = (A + fe)(P + fe) / Z come out of one
+// pass (no max / sum passes), as the Triton backward does; without, they are recomputed from scratch.
 template <typename T>
 void ot_attention_backward_solve(const T* q, const T* k, const T* v, const T* plan, const T* grad_out,
                                  const bool* row_mask, const bool* col_mask, int64_t N, int64_t M, int64_t D,
                                  int64_t Dv, double scale, double fuse_eps, T* dq, T* dk, T* dv,
-                                 OTAttentionWorkspace<T>& ws);
+                                 OTAttentionWorkspace<T>& ws, const T* row_stats = nullptr);
 
 template <typename T>
 void ot_attention_backward_batched(const T* q, const T* k, const T* v, const T* plan, const T* grad_out,
                                    const bool* key_mask, const bool* query_mask, int64_t B, int64_t H, int64_t N,
                                    int64_t M, int64_t D, int64_t Dv, double scale, double fuse_eps, T* dq, T* dk,
-                                   T* dv, int num_threads);
+                                   T* dv, int num_threads, const T* row_stats = nullptr);
 
 }  // namespace pisces

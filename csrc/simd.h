@@ -12,6 +12,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #if !defined(__GNUC__) && !defined(__clang__)
 #error "pisces_fast/csrc needs GCC or Clang (vector extensions)"
 #endif
@@ -369,6 +373,70 @@ PISCES_INLINE void transpose(Vec<double> r[8]) {
 }
 
 #undef PISCES_SHUF
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit storage of float32 values (the Sinkhorn kernel matrix): tags over the raw bits, widened to
+// float32 vectors on load. narrow() rounds to nearest even; widen() of FP16 expects what narrow()
+// wrote from the kernels' inputs: zeros and normal numbers (no subnormals, Inf or NaN).
+
+struct BF16 {
+  uint16_t bits;
+};
+struct FP16 {
+  uint16_t bits;
+};
+
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+template <typename T>
+PISCES_INLINE Vec<T> widen(const T* p) {
+  return load(p);
+}
+
+PISCES_INLINE Vec<float> widen(const BF16* p) {
+#if defined(__AVX512F__)
+  return (Vec<float>)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                                       16);
+#else
+  U16x16 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  return (Vec<float>)(__builtin_convertvector(h, U32x16) << 16);
+#endif
+}
+
+PISCES_INLINE Vec<float> widen(const FP16* p) {
+#if defined(__AVX512F__)
+  return (Vec<float>)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  U16x16 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const U32x16 w = __builtin_convertvector(h, U32x16);
+  const U32x16 sign = (w & 0x8000u) << 16;
+  const U32x16 normal = sign | (((w & 0x7fffu) << 13) + ((127u - 15u) << 23));  // rebias the exponent
+  return (Vec<float>)((w & 0x7c00u) == 0 ? sign : normal);
+#endif
+}
+
+// x finite.
+PISCES_INLINE void narrow(BF16* p, Vec<float> x) {
+  U32x16 u = (U32x16)x;
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const U16x16 h = __builtin_convertvector(u, U16x16);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
+PISCES_INLINE void narrow(FP16* p, Vec<float> x) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int l = 0; l < 16; ++l) {
+    const _Float16 h = static_cast<_Float16>(x[l]);
+    __builtin_memcpy(&p[l].bits, &h, sizeof(h));
+  }
+#endif
+}
 
 // Scalar conveniences built on the vector versions, so scalar and vector code round identically.
 template <typename T>

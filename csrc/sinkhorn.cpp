@@ -7,6 +7,9 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -28,6 +31,58 @@ bool scaling_domain_is_safe(double cost_range, double eps, int64_t N, int64_t M)
 
 template bool scaling_domain_is_safe<float>(double, double, int64_t, int64_t);
 template bool scaling_domain_is_safe<double>(double, double, int64_t, int64_t);
+
+double kernel16_plan_error_bound(double tau, KernelStorage storage) {
+  double u;
+  switch (storage) {
+    case KernelStorage::kBFloat16: u = std::ldexp(1.0, -8); break;
+    case KernelStorage::kFloat16: u = std::ldexp(1.0, -11); break;
+    default: return 0.0;
+  }
+  if (!(tau < 1.0)) return std::numeric_limits<double>::infinity();
+  const double delta = -std::log1p(-u);
+  return std::expm1(2.0 * tau * delta / (1.0 - tau));
+}
+
+namespace {
+const char* storage_name(KernelStorage s) {
+  switch (s) {
+    case KernelStorage::kBFloat16: return "bfloat16";
+    case KernelStorage::kFloat16: return "float16";
+    default: return "float32";
+  }
+}
+}  // namespace
+
+template <typename T>
+KernelStorage resolve_kernel_storage(KernelStorage requested, bool scaling, double cost_range, double eps,
+                                     double tau) {
+  const bool is16 = requested == KernelStorage::kBFloat16 || requested == KernelStorage::kFloat16;
+  const bool fp16_fits = cost_range / eps <= kFloat16MaxRange;
+  if (requested == KernelStorage::kAuto) {
+    if (!std::is_same<T, float>::value || !scaling) return KernelStorage::kNative;
+    return fp16_fits && kernel16_plan_error_bound(tau, KernelStorage::kFloat16) <= kAuto16PlanRtol
+               ? KernelStorage::kFloat16
+               : KernelStorage::kNative;
+  }
+  if (!is16) return KernelStorage::kNative;
+  const std::string what = std::string("kernel_dtype='") + storage_name(requested) + "'";
+  if (!std::is_same<T, float>::value)
+    throw std::invalid_argument(what + " needs float32 inputs (16-bit kernel storage keeps float32 potentials); "
+                                "got float64: use kernel_dtype='float32' or 'auto'");
+  if (!scaling)
+    throw std::invalid_argument(what + " needs the scaling-domain iteration, but this problem runs in the log "
+                                "domain ((max C - min C)/eps = " + std::to_string(cost_range / eps) +
+                                " is too wide for it): use kernel_dtype='float32' or 'auto'");
+  if (requested == KernelStorage::kFloat16 && !fp16_fits)
+    throw std::invalid_argument(what + " needs (max C - min C)/eps <= " + std::to_string(kFloat16MaxRange) +
+                                " so every kernel entry is a normal float16, got " +
+                                std::to_string(cost_range / eps) + ": use kernel_dtype='bfloat16', 'float32' or 'auto'");
+  return requested;
+}
+
+template KernelStorage resolve_kernel_storage<float>(KernelStorage, bool, double, double, double);
+template KernelStorage resolve_kernel_storage<double>(KernelStorage, bool, double, double, double);
 
 namespace {
 
@@ -69,10 +124,11 @@ struct SweepState {
   T shift_v;  // running max of the valid lv (w shift)
 };
 
-// Row pass: t[0..NT) += z_i K'[i, jt..] and S_i += K'[i, js..] . w[0..NS).
-template <typename T, int NT, int NS>
-PISCES_INLINE void sweep_rows(const Problem<T>& P, int64_t jt, int64_t js, const T* z, Vec<T>* t, const Vec<T>* w,
-                              T* S) {
+// Row pass: t[0..NT) += z_i K'[i, jt..] and S_i += K'[i, js..] . w[0..NS). K is the kernel in its
+// storage type KS (T, or BF16 / FP16 for T = float), rows P.Mw apart.
+template <typename T, typename KS, int NT, int NS>
+PISCES_INLINE void sweep_rows(const Problem<T>& P, const KS* K, int64_t jt, int64_t js, const T* z, Vec<T>* t,
+                              const Vec<T>* w, T* S) {
   constexpr int W = Traits<T>::W;
   typedef Vec<T> V;
   V tt[NT > 0 ? NT : 1];
@@ -81,25 +137,25 @@ PISCES_INLINE void sweep_rows(const Problem<T>& P, int64_t jt, int64_t js, const
   for (int v = 0; v < NT; ++v) tt[v] = t[v];
 #pragma GCC unroll 8
   for (int v = 0; v < NS; ++v) ww[v] = w[v];
-  const T* kt = P.kernel + jt;
-  const T* ks = P.kernel + js;
+  const KS* kt = K + jt;
+  const KS* ks = K + js;
   for (int64_t r = 0; r < P.n_rows; ++r) {
     const int64_t off = P.rows[r] * P.Mw;
     if (NT > 0) {
       const V zi = simd::splat<T>(z[P.rows[r]]);
-      const T* rt = kt + off;
+      const KS* rt = kt + off;
 #pragma GCC unroll 8
-      for (int v = 0; v < NT; ++v) tt[v] += zi * simd::load(rt + v * W);
+      for (int v = 0; v < NT; ++v) tt[v] += zi * simd::widen(rt + v * W);
     }
     if (NS > 0) {
       // Two interleaved partial sums halve the FMA dependency chain.
-      const T* rs = ks + off;
-      V acc0 = simd::load(rs) * ww[0];
-      V acc1 = NS > 1 ? simd::load(rs + W) * ww[NS > 1 ? 1 : 0] : simd::splat<T>(0);
+      const KS* rs = ks + off;
+      V acc0 = simd::widen(rs) * ww[0];
+      V acc1 = NS > 1 ? simd::widen(rs + W) * ww[NS > 1 ? 1 : 0] : simd::splat<T>(0);
 #pragma GCC unroll 8
       for (int v = 2; v < NS; v += 2) {
-        acc0 += simd::load(rs + v * W) * ww[v];
-        if (v + 1 < NS) acc1 += simd::load(rs + (v + 1) * W) * ww[v + 1];
+        acc0 += simd::widen(rs + v * W) * ww[v];
+        if (v + 1 < NS) acc1 += simd::widen(rs + (v + 1) * W) * ww[v + 1];
       }
       T* s = S + P.rows[r] * W;
       simd::store(s, simd::load(s) + (acc0 + acc1));
@@ -109,37 +165,37 @@ PISCES_INLINE void sweep_rows(const Problem<T>& P, int64_t jt, int64_t js, const
   for (int v = 0; v < NT; ++v) t[v] = tt[v];
 }
 
-template <typename T, int NS>
-PISCES_INLINE void sweep_rows_nt(int nt, const Problem<T>& P, int64_t jt, int64_t js, const T* z, Vec<T>* t,
-                                 const Vec<T>* w, T* S) {
+template <typename T, typename KS, int NS>
+PISCES_INLINE void sweep_rows_nt(int nt, const Problem<T>& P, const KS* K, int64_t jt, int64_t js, const T* z,
+                                 Vec<T>* t, const Vec<T>* w, T* S) {
   switch (nt) {
-    case 0: sweep_rows<T, 0, NS>(P, jt, js, z, t, w, S); break;
-    case 1: sweep_rows<T, 1, NS>(P, jt, js, z, t, w, S); break;
-    case 2: sweep_rows<T, 2, NS>(P, jt, js, z, t, w, S); break;
-    case 3: sweep_rows<T, 3, NS>(P, jt, js, z, t, w, S); break;
-    case 4: sweep_rows<T, 4, NS>(P, jt, js, z, t, w, S); break;
-    case 5: sweep_rows<T, 5, NS>(P, jt, js, z, t, w, S); break;
-    case 6: sweep_rows<T, 6, NS>(P, jt, js, z, t, w, S); break;
-    case 7: sweep_rows<T, 7, NS>(P, jt, js, z, t, w, S); break;
-    default: sweep_rows<T, 8, NS>(P, jt, js, z, t, w, S); break;
+    case 0: sweep_rows<T, KS, 0, NS>(P, K, jt, js, z, t, w, S); break;
+    case 1: sweep_rows<T, KS, 1, NS>(P, K, jt, js, z, t, w, S); break;
+    case 2: sweep_rows<T, KS, 2, NS>(P, K, jt, js, z, t, w, S); break;
+    case 3: sweep_rows<T, KS, 3, NS>(P, K, jt, js, z, t, w, S); break;
+    case 4: sweep_rows<T, KS, 4, NS>(P, K, jt, js, z, t, w, S); break;
+    case 5: sweep_rows<T, KS, 5, NS>(P, K, jt, js, z, t, w, S); break;
+    case 6: sweep_rows<T, KS, 6, NS>(P, K, jt, js, z, t, w, S); break;
+    case 7: sweep_rows<T, KS, 7, NS>(P, K, jt, js, z, t, w, S); break;
+    default: sweep_rows<T, KS, 8, NS>(P, K, jt, js, z, t, w, S); break;
   }
 }
 
 // ns is 0, kBlockVecs, or (last block only, then nt = 0) anything in 1..kBlockVecs.
-template <typename T>
-void sweep_rows_dispatch(int nt, int ns, const Problem<T>& P, int64_t jt, int64_t js, const T* z, Vec<T>* t,
-                         const Vec<T>* w, T* S) {
+template <typename T, typename KS>
+void sweep_rows_dispatch(int nt, int ns, const Problem<T>& P, const KS* K, int64_t jt, int64_t js, const T* z,
+                         Vec<T>* t, const Vec<T>* w, T* S) {
   static_assert(kBlockVecs == 8, "dispatch below enumerates 8 vectors per block");
-  if (ns == 0) return sweep_rows_nt<T, 0>(nt, P, jt, js, z, t, w, S);
-  if (ns == 8) return sweep_rows_nt<T, 8>(nt, P, jt, js, z, t, w, S);
+  if (ns == 0) return sweep_rows_nt<T, KS, 0>(nt, P, K, jt, js, z, t, w, S);
+  if (ns == 8) return sweep_rows_nt<T, KS, 8>(nt, P, K, jt, js, z, t, w, S);
   switch (ns) {
-    case 1: sweep_rows<T, 0, 1>(P, jt, js, z, t, w, S); break;
-    case 2: sweep_rows<T, 0, 2>(P, jt, js, z, t, w, S); break;
-    case 3: sweep_rows<T, 0, 3>(P, jt, js, z, t, w, S); break;
-    case 4: sweep_rows<T, 0, 4>(P, jt, js, z, t, w, S); break;
-    case 5: sweep_rows<T, 0, 5>(P, jt, js, z, t, w, S); break;
-    case 6: sweep_rows<T, 0, 6>(P, jt, js, z, t, w, S); break;
-    default: sweep_rows<T, 0, 7>(P, jt, js, z, t, w, S); break;
+    case 1: sweep_rows<T, KS, 0, 1>(P, K, jt, js, z, t, w, S); break;
+    case 2: sweep_rows<T, KS, 0, 2>(P, K, jt, js, z, t, w, S); break;
+    case 3: sweep_rows<T, KS, 0, 3>(P, K, jt, js, z, t, w, S); break;
+    case 4: sweep_rows<T, KS, 0, 4>(P, K, jt, js, z, t, w, S); break;
+    case 5: sweep_rows<T, KS, 0, 5>(P, K, jt, js, z, t, w, S); break;
+    case 6: sweep_rows<T, KS, 0, 6>(P, K, jt, js, z, t, w, S); break;
+    default: sweep_rows<T, KS, 0, 7>(P, K, jt, js, z, t, w, S); break;
   }
 }
 
@@ -223,9 +279,9 @@ void make_w_dispatch(int nv, const Problem<T>& P, int64_t j0, const T* lv, Vec<T
 
 // z != null: v half-update from z (into lv_new, delta vs lv_prev); else lv_given is the current v.
 // accumulate: S = K' exp(v - shift_v) row sums for the next u half-update.
-template <typename T>
-SweepState<T> scaling_sweep(const Problem<T>& P, const T* z, T log_t_offset, const T* lv_prev, T* lv_new,
-                            const T* lv_given, bool accumulate, bool track_delta, T* S) {
+template <typename T, typename KS>
+SweepState<T> scaling_sweep(const Problem<T>& P, const KS* K, const T* z, T log_t_offset, const T* lv_prev,
+                            T* lv_new, const T* lv_given, bool accumulate, bool track_delta, T* S) {
   constexpr int W = Traits<T>::W;
   SweepState<T> st{T(0), -std::numeric_limits<T>::infinity()};
   if (accumulate) std::fill(S, S + P.N * W, T(0));
@@ -238,7 +294,7 @@ SweepState<T> scaling_sweep(const Problem<T>& P, const T* z, T log_t_offset, con
   for (auto& x : w) x = simd::splat<T>(0);
   if (z != nullptr) {
     for (auto& x : t) x = simd::splat<T>(0);
-    sweep_rows_dispatch<T>(nv_of(0), 0, P, 0, 0, z, t, w, S);
+    sweep_rows_dispatch<T, KS>(nv_of(0), 0, P, K, 0, 0, z, t, w, S);
     finish_v_dispatch<T>(nv_of(0), P, 0, t, log_t_offset, lv_prev, lv_new, track_delta, dvv);
   }
   for (int64_t b = 0; b < nb; ++b) {
@@ -249,7 +305,7 @@ SweepState<T> scaling_sweep(const Problem<T>& P, const T* z, T log_t_offset, con
     if (ns > 0) make_w_dispatch<T>(ns, P, j0, lv, w, S, st);
     if (nt > 0)
       for (auto& x : t) x = simd::splat<T>(0);
-    sweep_rows_dispatch<T>(nt, ns, P, j0 + kBlockVecs * W, j0, z, t, w, S);
+    sweep_rows_dispatch<T, KS>(nt, ns, P, K, j0 + kBlockVecs * W, j0, z, t, w, S);
     if (nt > 0)
       finish_v_dispatch<T>(nt, P, j0 + kBlockVecs * W, t, log_t_offset, lv_prev, lv_new, track_delta, dvv);
   }
@@ -289,22 +345,28 @@ T scaling_row_weights(const Problem<T>& P, const T* lu, T* z) {
   return shift;
 }
 
-// Runs the iterations; returns the index (0/1) of the buffers holding the final potentials.
-template <typename T>
-int run_scaling(const Problem<T>& P, const SinkhornOptions& opt, T c0, T* lu[2], T* lv[2], T* z, T* S, T* rs,
-                int32_t& n_iter) {
+PISCES_INLINE void check_interrupt(const SinkhornOptions& opt) {
+  if (opt.interrupt != nullptr && opt.interrupt->stop()) throw Interrupted();
+}
+
+// Runs the iterations; returns the index (0/1) of the buffers holding the final potentials. K is
+// the stored kernel: K' times exp(c0 - cmin/eps) (c0 carries the storage's scale).
+template <typename T, typename KS>
+int run_scaling(const Problem<T>& P, const KS* K, const SinkhornOptions& opt, T c0, T* lu[2], T* lv[2], T* z, T* S,
+                T* rs, int32_t& n_iter) {
   // prev = (u_{k-1}, v_{k-1}) (accepted), cur = candidates of iteration k.
   int prev = 0, cur = 1;
   // u_1 from v_0 = 0.
   const bool track = opt.tol > 0;  // tol = 0: no convergence test, skip the deltas
-  SweepState<T> st = scaling_sweep<T>(P, nullptr, T(0), nullptr, nullptr, lv[prev], true, track, S);
+  SweepState<T> st = scaling_sweep<T, KS>(P, K, nullptr, T(0), nullptr, nullptr, lv[prev], true, track, S);
   T du = scaling_u_update<T>(P, S, st.shift_v - c0, lu[prev], lu[cur], rs);
   const T tol = static_cast<T>(opt.tol);
   n_iter = 0;
   for (int64_t k = 1; k <= opt.max_iter; ++k) {
     const bool last = k == opt.max_iter;
+    check_interrupt(opt);
     const T shift_u = scaling_row_weights<T>(P, lu[cur], z);
-    st = scaling_sweep<T>(P, z, shift_u - c0, lv[prev], lv[cur], nullptr, !last, track, S);
+    st = scaling_sweep<T, KS>(P, K, z, shift_u - c0, lv[prev], lv[cur], nullptr, !last, track, S);
     if (opt.tol > 0 && std::max(du, st.dv) < tol) break;  // converged: keep the previous potentials
     ++n_iter;
     std::swap(prev, cur);  // accept (u_k, v_k)
@@ -414,6 +476,7 @@ int run_log(const Problem<T>& P, const SinkhornOptions& opt, T* lu[2], T* lv[2],
   const T tol = static_cast<T>(opt.tol);
   n_iter = 0;
   for (int64_t k = 1; k <= opt.max_iter; ++k) {
+    check_interrupt(opt);
     const T du = log_u_update<T>(P, lv[prev], lu[prev], lu[cur], rs, rm);
     const T dv = log_v_update<T>(P, lu[cur], lv[prev], lv[cur]);
     if (opt.tol > 0 && std::max(du, dv) < tol) break;
@@ -495,10 +558,49 @@ SinkhornResult sinkhorn_solve(const T* cost, int64_t cost_stride, const bool* ro
        scaling_domain_is_safe<T>(static_cast<double>(cmax) - static_cast<double>(cmin), opt.eps, N, M));
   const T eps = static_cast<T>(opt.eps);
 
+  const KernelStorage storage = resolve_kernel_storage<T>(
+      opt.storage, scaling, static_cast<double>(cmax) - static_cast<double>(cmin), opt.eps, opt.tau);
+
   SinkhornResult result;
   result.scaling = scaling;
+  result.storage = storage;
   int final_buf;
-  if (scaling) {
+  if (scaling && storage != KernelStorage::kNative) {
+    if constexpr (std::is_same<T, float>::value) {
+      // float16: K' * 65504 puts the largest entry at the top of the float16 range, so the smallest
+      // (>= exp(-kFloat16MaxRange) * 65504) is still normal; the sums are scaled back through c0.
+      const bool fp16 = storage == KernelStorage::kFloat16;
+      const float scale = fp16 ? 65504.0f : 1.0f;
+      uint16_t* k16 = ws.kernel16.reserve(static_cast<size_t>(N * P.Mw));
+      const float inv_eps = static_cast<float>(1.0 / opt.eps);
+      for (int64_t i = 0; i < N; ++i) {
+        uint16_t* krow = k16 + i * P.Mw;
+        if (P.row_valid[i] == 0.0f) {
+          std::fill(krow, krow + P.Mw, uint16_t(0));
+          continue;
+        }
+        const float* crow = cost + i * cost_stride;
+        for (int64_t j = 0; j < P.Mw; j += W) {
+          const V c = j < m_full ? simd::load(crow + j) : simd::load_partial(crow + j, M - j);
+          const V k = simd::vexp((cmin - c) * inv_eps) * scale;
+          const V kv = simd::select<T>(valid_lanes(P.col_valid + j), k, simd::splat<T>(0));
+          if (fp16)
+            simd::narrow(reinterpret_cast<simd::FP16*>(krow + j), kv);
+          else
+            simd::narrow(reinterpret_cast<simd::BF16*>(krow + j), kv);
+        }
+      }
+      const float c0 = cmin / eps + std::log(scale);
+      if (fp16)
+        final_buf = run_scaling<float, simd::FP16>(P, reinterpret_cast<const simd::FP16*>(k16), opt, c0, lu, lv, z,
+                                                   S, rs, result.n_iter);
+      else
+        final_buf = run_scaling<float, simd::BF16>(P, reinterpret_cast<const simd::BF16*>(k16), opt, c0, lu, lv, z,
+                                                   S, rs, result.n_iter);
+    } else {
+      throw std::logic_error("16-bit kernel storage resolved for a non-float32 problem");
+    }
+  } else if (scaling) {
     const T inv_eps = static_cast<T>(1.0 / opt.eps);
     for (int64_t i = 0; i < N; ++i) {
       T* krow = P.kernel + i * P.Mw;
@@ -513,7 +615,7 @@ SinkhornResult sinkhorn_solve(const T* cost, int64_t cost_stride, const bool* ro
         simd::store(krow + j, simd::select<T>(valid_lanes(P.col_valid + j), k, simd::splat<T>(0)));
       }
     }
-    final_buf = run_scaling<T>(P, opt, cmin / eps, lu, lv, z, S, rs, result.n_iter);
+    final_buf = run_scaling<T, T>(P, P.kernel, opt, cmin / eps, lu, lv, z, S, rs, result.n_iter);
   } else {
     for (int64_t i = 0; i < N; ++i) {
       T* krow = P.kernel + i * P.Mw;
@@ -557,7 +659,8 @@ SinkhornResult sinkhorn_solve(const T* cost, int64_t cost_stride, const bool* ro
 
 template <typename T>
 void sinkhorn_batched(const T* cost, const bool* row_mask, const bool* col_mask, int64_t P, int64_t N, int64_t M,
-                      const SinkhornOptions& opt, T* plan, int32_t* n_iter, bool* used_scaling, int num_threads) {
+                      const SinkhornOptions& opt, T* plan, int32_t* n_iter, bool* used_scaling, int num_threads,
+                      int8_t* storage) {
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, P)));
   std::exception_ptr error;
   std::mutex error_mutex;
@@ -566,18 +669,21 @@ void sinkhorn_batched(const T* cost, const bool* row_mask, const bool* col_mask,
     SinkhornWorkspace<T> ws;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < P; ++p) {
+      if (opt.interrupt != nullptr && opt.interrupt->stopped()) continue;  // drain the remaining problems
       try {
         const SinkhornResult r = sinkhorn_solve<T>(cost + p * N * M, M, row_mask ? row_mask + p * N : nullptr,
                                                    col_mask ? col_mask + p * M : nullptr, N, M, opt,
                                                    plan + p * N * M, M, ws);
         if (n_iter) n_iter[p] = r.n_iter;
         if (used_scaling) used_scaling[p] = r.scaling;
+        if (storage) storage[p] = static_cast<int8_t>(r.storage);
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (!error) error = std::current_exception();
       }
     }
   }
+  if (opt.interrupt != nullptr && opt.interrupt->stopped()) throw Interrupted();
   if (error) std::rethrow_exception(error);
 }
 
@@ -587,8 +693,8 @@ template SinkhornResult sinkhorn_solve<double>(const double*, int64_t, const boo
                                                const SinkhornOptions&, double*, int64_t,
                                                SinkhornWorkspace<double>&);
 template void sinkhorn_batched<float>(const float*, const bool*, const bool*, int64_t, int64_t, int64_t,
-                                      const SinkhornOptions&, float*, int32_t*, bool*, int);
+                                      const SinkhornOptions&, float*, int32_t*, bool*, int, int8_t*);
 template void sinkhorn_batched<double>(const double*, const bool*, const bool*, int64_t, int64_t, int64_t,
-                                       const SinkhornOptions&, double*, int32_t*, bool*, int);
+                                       const SinkhornOptions&, double*, int32_t*, bool*, int, int8_t*);
 
 }  // namespace pisces

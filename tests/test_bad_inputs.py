@@ -1,6 +1,7 @@
 """Every bad input to the public ops fails loudly, naming the argument and what was expected."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,11 @@ def call_attention(**overrides):
         (dict(query_padding_mask=torch.ones(2, 3)), TypeError, "query_padding_mask must have dtype torch.bool"),
         (dict(key_padding_mask=torch.tensor([[True] * 8, [False] * 8])), ValueError, "key_padding_mask marks every token"),
         (dict(backend="cuda-magic"), ValueError, "backend must be one of"),
+        (dict(gamma=1e300), ValueError, r"gamma must be in \[0, 1000\]"),
+        (dict(fuse_eps=1e30), ValueError, r"fuse_eps must be in \[1e-30, 1000\]"),
+        (dict(coords=torch.full((8, 2), 1e7)), ValueError, "coords has entries of magnitude"),
+        (dict(key_padding_mask=[[True] * 8] * 2), TypeError, "key_padding_mask must be a bool torch.Tensor"),
+        (dict(return_plan=1), TypeError, "return_plan must be a bool"),
     ],
 )
 def test_ot_attention_rejects(overrides, error, match):
@@ -88,6 +94,13 @@ def test_env_override(monkeypatch):
         (dict(cost=torch.rand(2, 3, 4), row_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "row_mask has shape"),
         (dict(cost=torch.rand(2, 3, 4), col_mask=torch.zeros(2, 4, dtype=torch.bool)), ValueError, "col_mask marks every token"),
         (dict(cost=[[0.1, 0.2]]), TypeError, "cost must be a torch.Tensor"),
+        # type before device: an array or a list is named as such, not compared as a device
+        (dict(cost=torch.rand(3, 7), col_mask=np.ones(7, bool)), TypeError, "col_mask must be a bool torch.Tensor .*ndarray"),
+        (dict(cost=torch.rand(3, 7), col_mask=[True] * 7), TypeError, "col_mask must be a bool torch.Tensor .*list"),
+        (dict(cost=torch.rand(3, 4), eps=1e-45), ValueError, r"eps must be in \[1e-06, 1000\]"),
+        (dict(cost=torch.rand(3, 4) * 3e38), ValueError, r"\|C\|/eps = .* exceeds"),
+        (dict(cost=torch.rand(3, 4), max_iter=2**63), ValueError, "max_iter must be <= 1000000"),
+        (dict(cost=torch.rand(3, 4), domain="fast"), ValueError, "domain must be one of"),
     ],
 )
 def test_sinkhorn_rejects(kwargs, error, match):

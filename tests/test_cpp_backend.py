@@ -9,6 +9,11 @@ inputs; the kernel's error must be of the same order as the float32 reference's 
 The native (ctest) test in csrc/tests/ checks the kernels against a naive double loop as well.
 """
 import math
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
@@ -77,7 +82,7 @@ def test_sinkhorn_float64_matches_reference(p, n, m, eps, mass, max_iter, tol, m
     rows, cols = _masks(p, n, m) if masked else (None, None)
     kw = dict(eps=eps, mass=mass, max_iter=max_iter, tol=tol, row_mask=rows, col_mask=cols)
     ref, _, _, ref_iter = reference.sinkhorn_unbalanced(cost, return_potentials=True, **kw)
-    plan, n_iter, scaling = cpp.sinkhorn_unbalanced(cost, path=path, return_info=True, **kw)
+    plan, n_iter, scaling = cpp.sinkhorn_unbalanced(cost, domain=path, return_info=True, **kw)
     assert _rel(plan, ref) < 1e-10
     assert torch.equal(n_iter, ref_iter)
     if masked:
@@ -143,7 +148,8 @@ def test_sinkhorn_float32(eps, mass, tol):
     kw = dict(eps=eps, mass=mass, max_iter=100, tol=tol)
     ref64 = reference.sinkhorn_unbalanced(cost32.double(), row_mask=rows, col_mask=cols, **kw)
     ref32 = reference.sinkhorn_unbalanced(cost32, row_mask=rows, col_mask=cols, **kw)
-    got = cpp.sinkhorn_unbalanced(cost32, row_mask=rows, col_mask=cols, **kw)
+    # The float32 kernel matrix: "auto" may store it in float16 (tested against its own bound below).
+    got = cpp.sinkhorn_unbalanced(cost32, row_mask=rows, col_mask=cols, kernel_dtype="float32", **kw)
     assert got.dtype == torch.float32
     assert _rel(got.double(), ref64) <= _fp32_bound(_rel(ref32.double(), ref64))
 
@@ -161,9 +167,9 @@ def test_sinkhorn_public_api_batch_dims_and_dtypes():
     assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
 
 
-def test_sinkhorn_bad_path():
-    with pytest.raises(ValueError, match="path"):
-        cpp.sinkhorn_unbalanced(torch.rand(1, 2, 3), eps=0.05, mass=0.9, max_iter=1, tol=0.0, path="fast")
+def test_sinkhorn_bad_domain():
+    with pytest.raises(ValueError, match="domain"):
+        cpp.sinkhorn_unbalanced(torch.rand(1, 2, 3), eps=0.05, mass=0.9, max_iter=1, tol=0.0, domain="fast")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +230,7 @@ def test_ot_attention_float32():
     as64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
     out64, plan64 = reference.ot_attention(*as64, t.double(), s.double(), **kw)
     out32, plan32 = reference.ot_attention(q, k, v, t, s, **kw)
-    out, plan = cpp.ot_attention(q, k, v, t, s, **kw)
+    out, plan = cpp.ot_attention(q, k, v, t, s, kernel_dtype="float32", **kw)
     assert out.dtype == plan.dtype == torch.float32
     assert _rel(plan.double(), plan64) <= _fp32_bound(_rel(plan32.double(), plan64))
     assert _rel(out.double(), out64) <= _fp32_bound(_rel(out32.double(), out64))
@@ -274,15 +280,15 @@ def test_deterministic_across_runs_and_thread_counts():
 def test_custom_ops_pass_opcheck():
     cost = torch.rand(3, 4, 19)
     rows, cols = _masks(3, 4, 19)
-    torch.library.opcheck(torch.ops.pisces_fast.cpp_sinkhorn.default, (cost, rows, cols, 0.05, 0.9, 10, 0.0, 0))
+    torch.library.opcheck(torch.ops.pisces_fast.cpp_sinkhorn.default, (cost, rows, cols, 0.05, 0.9, 10, 0.0, "auto", "auto"))
     q, k, v, t, s, kpm, qpm = _attention_inputs(2, 1, 3, 8, 4, 2, 2, 3, 1, torch.float64)
-    args = (q, k, v, t, s, kpm, qpm, 0.2, 0.2, 0.05, 0.9, 10, 0.0, 1e-8, 0.35, 0)
+    args = (q, k, v, t, s, kpm, qpm, 0.2, 0.2, 0.05, 0.9, 10, 0.0, 1e-8, 0.35, "auto", "auto")
     torch.library.opcheck(torch.ops.pisces_fast.cpp_ot_attention.default, args)
-    _, plan = cpp.ot_attention(q, k, v, t, s, gamma=0.2, eta=0.2, eps=0.05, mass=0.9, max_iter=10, tol=0.0,
-                               fuse_eps=1e-8, scale=0.35, key_padding_mask=kpm, query_padding_mask=qpm)
+    _, plan, row_stats = torch.ops.pisces_fast.cpp_ot_attention(*args)
     grad = torch.randn(2, 1, 3, 4, dtype=torch.float64)
     bargs = (q.detach(), k.detach(), v.detach(), plan, grad, kpm, qpm, 0.35, 1e-8)
     torch.library.opcheck(torch.ops.pisces_fast.cpp_ot_attention_backward.default, bargs)
+    torch.library.opcheck(torch.ops.pisces_fast.cpp_ot_attention_backward.default, bargs + (row_stats,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -292,10 +298,32 @@ def test_backward_kernel_matches_its_torch_math(dtype):
     q, k, v = q.detach(), k.detach(), v.detach()
     plan = torch.rand(2, 3, 7, k.shape[2], dtype=dtype) * 1e-3
     grad = torch.randn(2, 3, 7, 13, dtype=dtype)
-    got = torch.ops.pisces_fast.cpp_ot_attention_backward(q, k, v, plan, grad, kpm, qpm, 0.3, 1e-8)
     ref = cpp.ot_attention_backward_reference_math(q, k, v, plan, grad, kpm, qpm, 0.3, 1e-8)
-    for a, r in zip(got, ref):
-        assert _rel(a, r) < (1e-12 if dtype == torch.float64 else 1e-5)
+    # Without row statistics (A recomputed from scratch) and with them (one pass from lse and Z, the
+    # path autograd takes): both are the reference's math.
+    col = kpm[:, None, None, :]
+    scores = ((q @ k.transpose(-1, -2)) * 0.3).masked_fill(~col, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    z = ((scores - lse[..., None]).exp() + 1e-8).mul(plan + 1e-8).masked_fill(~col, 0.0).sum(-1)
+    stats = torch.stack([lse, z], dim=-1).contiguous()
+    for extra in ((), (stats,)):
+        got = torch.ops.pisces_fast.cpp_ot_attention_backward(q, k, v, plan, grad, kpm, qpm, 0.3, 1e-8, *extra)
+        for a, r in zip(got, ref):
+            assert _rel(a, r) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_forward_row_stats_are_the_backward_s():
+    q, k, v, t, s, kpm, qpm = _attention_inputs(2, 2, 6, 16, 8, 2, 3, 5, 1, torch.float64)
+    args = (q.detach(), k.detach(), v.detach(), t, s, kpm, qpm, 0.2, 0.2, 0.05, 0.9, 20, 0.0, 1e-8, 0.25, "auto",
+            "auto")
+    _, plan, stats = torch.ops.pisces_fast.cpp_ot_attention(*args)
+    scores = ((q @ k.transpose(-1, -2)) * 0.25).masked_fill(~kpm[:, None, None, :], -math.inf).detach()
+    lse = torch.logsumexp(scores, dim=-1)
+    z = ((scores - lse[..., None]).exp() + 1e-8).mul(plan + 1e-8).masked_fill(~kpm[:, None, None, :], 0.0).sum(-1)
+    real = qpm[:, None, :].expand_as(lse)
+    assert torch.allclose(stats[..., 0][real], lse[real], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(stats[..., 1][real], z[real], rtol=1e-12, atol=0)
+    assert torch.all(stats[..., 0][~real] == 0) and torch.all(stats[..., 1][~real] == 1)
 
 
 class _TinyCrossAttention(torch.nn.Module):
@@ -330,3 +358,111 @@ def test_torch_compile():
     assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
     for p, g in zip(model.parameters(), grads):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit kernel storage (docs/numerics.md, "16-bit kernel storage")
+
+
+def _entry_rel(got: torch.Tensor, ref64: torch.Tensor) -> float:
+    """max |got/ref - 1| over the entries that are normal float32 numbers (what the bound is about)."""
+    keep = ref64 > 1e-30
+    return float(((got.double() - ref64).abs()[keep] / ref64[keep]).max())
+
+
+@pytest.mark.parametrize("p,n,m,max_iter,masked", [(1, 40, 2049, 40, False), (3, 7, 37, 100, True),
+                                                    (2, 33, 301, 100, True)])
+def test_sinkhorn_16bit_kernel_within_its_bound(p, n, m, max_iter, masked):
+    cost = torch.rand(p, n, m)
+    rows, cols = _masks(p, n, m) if masked else (None, None)
+    kw = dict(eps=0.05, mass=0.9, max_iter=max_iter, tol=0.0, row_mask=rows, col_mask=cols)
+    ref64 = reference.sinkhorn_unbalanced(cost.double(), **kw)
+    full_err = _entry_rel(cpp.sinkhorn_unbalanced(cost, kernel_dtype="float32", **kw), ref64)
+    for kernel_dtype in ("bfloat16", "float16"):
+        got = cpp.sinkhorn_unbalanced(cost, kernel_dtype=kernel_dtype, **kw)
+        err, bound = _entry_rel(got, ref64), cpp.kernel16_plan_error_bound(0.9, kernel_dtype)
+        assert err <= bound, kernel_dtype  # the bound holds after any number of iterations
+        # It did store 16 bits: the error is the format's, far above float32 rounding (measured 2e-3 bf16,
+        # 3e-4 fp16 at this setting; the bound is 7.3e-2 / 8.8e-3).
+        assert err > 20 * full_err, kernel_dtype
+        if masked:
+            assert torch.all(got[~(rows[:, :, None] & cols[:, None, :])] == 0)
+
+
+def test_kernel_dtype_auto_rule_and_errors():
+    f32, f64 = torch.float32, torch.float64
+    assert cpp.kernel_storage(1.0, 0.05, 0.9, 40, 2049, f32) == "float16"  # the paper's setting
+    assert cpp.kernel_storage(1.0, 0.05, 0.95, 40, 2049, f32) == "float32"  # bound 1.9e-2 > 1e-2
+    assert cpp.kernel_storage(1.0, 0.05, 1.0, 40, 2049, f32) == "float32"  # balanced: no bound
+    assert cpp.kernel_storage(1.0, 0.04, 0.9, 40, 2049, f32) == "float32"  # range/eps 25 > 20.79
+    assert cpp.kernel_storage(1.0, 0.05, 0.9, 40, 2049, f64) == "float32"  # float64 keeps float64
+    assert cpp.kernel_storage(1.0, 0.04, 0.9, 40, 2049, f32, "bfloat16") == "bfloat16"
+    assert cpp.kernel16_plan_error_bound(0.9, "float16") <= cpp.KERNEL16_AUTO_PLAN_RTOL
+    assert cpp.kernel16_plan_error_bound(1.0, "float16") == math.inf
+    cost = torch.rand(2, 5, 40)
+    kw = dict(mass=0.9, max_iter=5, tol=0.0)
+    with pytest.raises(ValueError, match="float16.*normal float16"):
+        cpp.sinkhorn_unbalanced(cost, eps=0.04, kernel_dtype="float16", **kw)
+    with pytest.raises(ValueError, match="float32 inputs"):
+        cpp.sinkhorn_unbalanced(cost.double(), eps=0.05, kernel_dtype="bfloat16", **kw)
+    with pytest.raises(ValueError, match="log domain"):
+        cpp.sinkhorn_unbalanced(cost, eps=1e-3, kernel_dtype="bfloat16", **kw)
+    # auto on the same inputs: float16 where allowed, float32 elsewhere, never an error.
+    auto = cpp.sinkhorn_unbalanced(cost, eps=0.05, **kw)
+    assert torch.equal(auto, cpp.sinkhorn_unbalanced(cost, eps=0.05, kernel_dtype="float16", **kw))
+    assert torch.equal(cpp.sinkhorn_unbalanced(cost, eps=0.04, **kw),
+                       cpp.sinkhorn_unbalanced(cost, eps=0.04, kernel_dtype="float32", **kw))
+
+
+def test_ot_attention_16bit_kernel_within_its_bound():
+    q, k, v, t, s, kpm, qpm = _attention_inputs(2, 2, 12, 32, 16, 4, 6, 6, 1, torch.float32)
+    kw = dict(gamma=0.2, eta=0.2, eps=0.05, mass=0.9, max_iter=100, tol=0.0, fuse_eps=1e-8, scale=1 / math.sqrt(32),
+              key_padding_mask=kpm, query_padding_mask=qpm)
+    as64 = [x.detach().double() for x in (q, k, v)]
+    out64, plan64 = reference.ot_attention(*as64, t.double(), s.double(), **kw)
+    bound = cpp.kernel16_plan_error_bound(0.9, "float16")
+    out, plan = cpp.ot_attention(q, k, v, t, s, kernel_dtype="float16", **kw)
+    assert _entry_rel(plan, plan64) <= bound
+    # out = F v with F = (A+fe)(P+fe) / Z: a relative plan error e moves F by <= 2e (relative), out by
+    # <= 2e max|v|.
+    assert float((out.detach().double() - out64).abs().max()) <= 2 * bound * float(v.detach().abs().max())
+    grad = torch.randn_like(out)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out, (q, k, v), grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def test_long_solve_is_interruptible():
+    # The child solves for minutes unless SIGINT stops it; it reports how long it was inside the solve.
+    code = textwrap.dedent("""
+        import sys, time, torch
+        from pisces_fast.ops import cpp
+        cost = torch.rand(4, 40, 2049)
+        cpp.sinkhorn_unbalanced(cost[:1], eps=0.05, mass=0.9, max_iter=2, tol=0.0)  # warm
+        print("solving", flush=True)
+        t0 = time.perf_counter()
+        try:
+            cpp.sinkhorn_unbalanced(cost, eps=0.05, mass=0.9, max_iter=10**8, tol=0.0)
+        except KeyboardInterrupt:
+            print(f"interrupted {time.perf_counter() - t0:.3f}", flush=True)
+            sys.exit(0)
+        print("finished", flush=True)
+        sys.exit(1)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "solving"
+        time.sleep(1.0)
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        latency = time.perf_counter() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    word, inside = out.split()
+    assert word == "interrupted" and float(inside) >= 0.9  # it was inside the C++ solve
+    assert latency < 5.0  # polled every 50 ms; generous for a loaded CI machine

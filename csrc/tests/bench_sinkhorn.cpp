@@ -1,6 +1,7 @@
 // Kernel-only timing of the batched Sinkhorn (no Python, no torch): for tuning the kernels.
 // The numbers we report come from benchmarks/sinkhorn_bench.py.
 //   bench_sinkhorn [P=32] [N=40] [M=2049] [iters=100] [threads=2] [path=1 (scaling) | 2 (log)] [double=0]
+//                  [storage=1 (input precision) | 2 (bfloat16) | 3 (float16) | 0 (auto)]
 #include <algorithm>
 #include <chrono>
 #include <ctime>
@@ -13,7 +14,7 @@
 #include "sinkhorn.h"
 
 template <typename T>
-static void run(int64_t P, int64_t N, int64_t M, int64_t iters, int threads, int path) {
+static void run(int64_t P, int64_t N, int64_t M, int64_t iters, int threads, int path, int storage) {
   std::mt19937_64 rng(0);
   std::uniform_real_distribution<double> u01(0.0, 1.0);
   std::vector<T> cost(static_cast<size_t>(P * N * M)), plan(cost.size());
@@ -26,6 +27,7 @@ static void run(int64_t P, int64_t N, int64_t M, int64_t iters, int threads, int
   opt.max_iter = iters;
   opt.tol = 0.0;
   opt.path = static_cast<pisces::SinkhornPath>(path);
+  opt.storage = static_cast<pisces::KernelStorage>(storage);
   std::vector<double> times, cpu;
   const int reps = P * iters <= 400 ? 300 : 12;
   for (int rep = 0; rep < reps; ++rep) {
@@ -41,9 +43,9 @@ static void run(int64_t P, int64_t N, int64_t M, int64_t iters, int threads, int
   std::sort(cpu.begin(), cpu.end());
   std::printf("  process CPU time: min %.2f ms (all threads)\n", cpu.front());
   const double med = times[times.size() / 2];
-  std::printf("%s P=%lld N=%lld M=%lld iters=%lld threads=%d path=%d: median %.2f ms, min %.2f ms, "
+  std::printf("%s storage=%d P=%lld N=%lld M=%lld iters=%lld threads=%d path=%d: median %.2f ms, min %.2f ms, "
               "%.2f us per problem-iteration per thread (median)\n",
-              sizeof(T) == 4 ? "float32" : "float64", (long long)P, (long long)N, (long long)M, (long long)iters,
+              sizeof(T) == 4 ? "float32" : "float64", storage, (long long)P, (long long)N, (long long)M, (long long)iters,
               threads, path, med, times.front(), med * 1e3 * threads / (P * iters));
 
   // ot_attention forward at the same shape, D = Dv = 64.
@@ -82,9 +84,10 @@ int main(int argc, char** argv) {
   const int threads = argc > 5 ? std::atoi(argv[5]) : 2;
   const int path = argc > 6 ? std::atoi(argv[6]) : 1;
   const bool dbl = argc > 7 && std::atoi(argv[7]) != 0;
+  const int storage = argc > 8 ? std::atoi(argv[8]) : 1;
   if (dbl)
-    run<double>(P, N, M, iters, threads, path);
+    run<double>(P, N, M, iters, threads, path, storage);
   else
-    run<float>(P, N, M, iters, threads, path);
+    run<float>(P, N, M, iters, threads, path, storage);
   return 0;
 }

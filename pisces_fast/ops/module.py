@@ -6,31 +6,37 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .api import DEFAULT_MAX_ITER, DEFAULT_TOL, ot_attention
+from .backends import BACKENDS
+from .config import OTConfig, resolve_config
+from .api import ot_attention
 
 
 class OTAttention(nn.Module):
-    """Holds the partial-OT hyper-parameters; ``forward`` has the SDPA layout of :func:`ot_attention`.
+    """Holds an :class:`OTConfig`; ``forward`` has the SDPA layout of :func:`ot_attention`.
 
-    ``enabled=False`` makes it plain softmax attention (same masking), for ablations.
+    ``OTAttention(config)`` or ``OTAttention(mass=1.0, ...)`` (keyword arguments are
+    :class:`OTConfig` fields overriding ``config``). ``enabled=False`` makes it plain softmax
+    attention (same masking), for ablations. The config is validated here, once, so ``forward``
+    does no scalar validation.
     """
 
     def __init__(
         self,
+        config: Optional[OTConfig] = None,
         *,
-        gamma: float = 0.2,
-        eta: float = 0.2,
-        eps: float = 0.05,
-        mass: float = 0.9,
-        max_iter: int = DEFAULT_MAX_ITER,
-        tol: float = DEFAULT_TOL,
-        fuse_eps: float = 1e-8,
         backend: str = "auto",
         enabled: bool = True,
+        **overrides,
     ):
         super().__init__()
-        self.gamma, self.eta, self.eps, self.mass = gamma, eta, eps, mass
-        self.max_iter, self.tol, self.fuse_eps, self.backend = max_iter, tol, fuse_eps, backend
+        if overrides:
+            config = (config if config is not None else OTConfig()).replace(**overrides)
+        self.config = resolve_config(config)
+        if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.backend = backend
         self.enabled = enabled
 
     def forward(
@@ -49,15 +55,14 @@ class OTAttention(nn.Module):
             mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return ot_attention(
-            q, k, v, frame_idx, coords,
-            gamma=self.gamma, eta=self.eta, eps=self.eps, mass=self.mass,
-            max_iter=self.max_iter, tol=self.tol, fuse_eps=self.fuse_eps, scale=scale,
-            key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-            backend=self.backend,
+            q, k, v, frame_idx, coords, config=self.config, scale=scale,
+            key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
+        c = self.config
         return (
-            f"gamma={self.gamma}, eta={self.eta}, eps={self.eps}, mass={self.mass}, max_iter={self.max_iter}, "
-            f"tol={self.tol}, backend={self.backend!r}, enabled={self.enabled}"
+            f"gamma={c.gamma}, eta={c.eta}, eps={c.eps}, mass={c.mass}, max_iter={c.max_iter}, tol={c.tol}, "
+            f"fuse_eps={c.fuse_eps}, domain={c.domain!r}, kernel_dtype={c.kernel_dtype!r}, "
+            f"backend={self.backend!r}, enabled={self.enabled}"
         )

@@ -54,11 +54,17 @@ def sinkhorn_unbalanced(
     mass: float,
     max_iter: int,
     tol: float,
+    domain: str = "auto",
+    kernel_dtype: str = "auto",
     row_mask: Optional[torch.Tensor] = None,
     col_mask: Optional[torch.Tensor] = None,
     return_potentials: bool = False,
 ):
     """Algorithm 3 in the log domain, batched over ``cost.shape[:-2]``.
+
+    ``domain`` and ``kernel_dtype`` are accepted for the backends' common signature and ignored:
+    the reference is the spec, and every domain / kernel storage a fused backend may pick is an
+    exact reformulation of this log-domain iteration (to its documented tolerance).
 
     Returns the plan ``P = exp(log u + log K + log v)`` (padding rows/columns exactly 0) and,
     with ``return_potentials``, ``(log_u, log_v, n_iter)`` where ``n_iter`` counts, per problem,
@@ -68,7 +74,8 @@ def sinkhorn_unbalanced(
     ``max(|Δlog u|, |Δlog v|) < tol`` the problem stops *keeping its previous potentials*;
     otherwise the update is accepted. ``tol = 0`` therefore runs exactly ``max_iter`` updates.
     Converged problems are frozen with ``torch.where`` so the batch never syncs with the host per
-    iteration.
+    iteration. Under ``torch.compile`` the "all converged" early exit (a host read) is skipped;
+    frozen problems make the result the same.
     """
     *batch, n, m = cost.shape
     device, dtype = cost.device, cost.dtype
@@ -108,7 +115,8 @@ def sinkhorn_unbalanced(
         log_u = torch.where(accept.unsqueeze(-1), log_u_new, log_u)
         log_v = torch.where(accept.unsqueeze(-1), log_v_new, log_v)
         n_iter = n_iter + accept.to(torch.int32)
-        if tol > 0 and (it + 1) % CONVERGENCE_CHECK_EVERY == 0 and bool(done.all()):
+        if (tol > 0 and (it + 1) % CONVERGENCE_CHECK_EVERY == 0 and not torch.compiler.is_compiling()
+                and bool(done.all())):
             break
 
     plan = torch.exp(log_u.unsqueeze(-1) + log_k + log_v.unsqueeze(-2))
@@ -224,12 +232,17 @@ def ot_attention(
     tol: float,
     fuse_eps: float,
     scale: float,
+    domain: str = "auto",
+    kernel_dtype: str = "auto",
     key_padding_mask: Optional[torch.Tensor] = None,
     query_padding_mask: Optional[torch.Tensor] = None,
+    return_plan: bool = True,
 ):
     """Cross-attention with the partial-OT plan fused in: returns ``(out, plan)``.
 
     q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv); masks (B, N) / (B, M), True = real.
+    ``domain`` / ``kernel_dtype`` are ignored (see :func:`sinkhorn_unbalanced`); ``plan`` is None
+    with ``return_plan=False``.
     Gradients reach q, k, v through A only: the cost and the plan are computed from detached
     inputs (the plan is a structural prior, Appendix C). Padded query rows output 0.
     """
@@ -250,4 +263,4 @@ def ot_attention(
     out = fused @ v
     if row_mask is not None:
         out = out.masked_fill(~row_mask.unsqueeze(-1), 0.0)
-    return out, plan
+    return out, (plan if return_plan else None)

@@ -11,10 +11,13 @@ of 40 x 2049, float32; H100: 3.35 TB/s HBM, ~67 TFLOP/s fp32 without tensor core
 * Floor per Sinkhorn iteration: the N x M operand read once, 52.5 M entries x 4 B = 210 MB
   -> 63 us from HBM; 4 FLOP per entry (two multiply-adds) = 210 MFLOP -> 3 us. The iteration is
   memory-bound by ~20x, so the design goal is one read of the operand per iteration, from L2.
-* This backend per iteration: one read of the padded operand (40 x 2064 x 4 B) plus the log v
-  ping-pong (read + write) per problem: ~229 MB, 1.09x the floor's bytes; compute on 64 padded rows
-  (~340 MFLOP). The persistent solver keeps at most ~0.8 x L2 of operands live (120 problems on a
-  50 MB L2), so iterations after the first are L2 reads when the cache holds them.
+* This backend per iteration: one read of the padded operand (40 x 2176 x 4 B: the stride is a
+  multiple of two 64-column tiles) plus the log v ping-pong (read + write) per problem: ~234 MB,
+  1.11x the floor's bytes; compute on 64 padded rows (~360 MFLOP). The persistent solver runs one
+  program per SM while the live operands fit L2 (132 on an H100's 50 MB), so iterations after the
+  first are L2 reads when the cache holds them. The sweep issues ~5.4 K SASS instructions per thread
+  per problem-iteration (sm_90a; 10.7 K before the restructuring), ~31 us per iteration for 640
+  problems: below the 67 us of HBM traffic, so it is memory-bound (docs/triton.md).
 * Once per forward: q/k/v reads, the scratch written and converted, out (and optionally the plan):
   ~2.0 GB (+0.2 GB plan) -> ~0.6 ms; backward ~2.0 GB -> ~0.6 ms; 5 + 7 GEMMs of 40 x 2049 x 64 per
   problem (81 GFLOP in all, x3 on tensor cores for 3xTF32).
@@ -45,15 +48,22 @@ def sinkhorn_unbalanced(
     mass: float,
     max_iter: int,
     tol: float,
+    domain: str = "auto",
+    kernel_dtype: str = "auto",
     row_mask: Optional[torch.Tensor] = None,
     col_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Algorithm 3 on ``cost (P, N, M)`` (float32/float64): one fused program per problem."""
+    """Algorithm 3 on ``cost (P, N, M)`` (float32/float64): one fused program per problem.
+
+    ``domain`` / ``kernel_dtype`` as in :class:`~pisces_fast.ops.OTConfig`; one this backend cannot
+    honour is a ValueError."""
     _check_dtype("cost", cost)
     if cost.dim() != 3:
         raise ValueError(f"cost must have shape (P, N, M), got {tuple(cost.shape)}")
+    _ops.domain_code(domain)
+    _ops.check_kernel_dtype(kernel_dtype)
     return torch.ops.pisces_fast.triton_sinkhorn(
-        cost, row_mask, col_mask, float(eps), float(mass), int(max_iter), float(tol)
+        cost, row_mask, col_mask, float(eps), float(mass), int(max_iter), float(tol), domain, kernel_dtype
     )
 
 
@@ -72,6 +82,8 @@ def ot_attention(
     tol: float,
     fuse_eps: float,
     scale: float,
+    domain: str = "auto",
+    kernel_dtype: str = "auto",
     key_padding_mask: Optional[torch.Tensor] = None,
     query_padding_mask: Optional[torch.Tensor] = None,
     return_plan: bool = True,
@@ -80,10 +92,12 @@ def ot_attention(
     (the kernel then never writes the N x M plan). Differentiable in q, k, v; the plan is detached."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_dtype(name, t)
+    _ops.domain_code(domain)
+    _ops.check_kernel_dtype(kernel_dtype)
     out, plan, *_ = torch.ops.pisces_fast.triton_ot_attention(
         q, k, v, frame_idx, coords, key_padding_mask, query_padding_mask,
         float(gamma), float(eta), float(eps), float(mass), int(max_iter), float(tol), float(fuse_eps), float(scale),
-        bool(return_plan),
+        bool(return_plan), domain, kernel_dtype,
     )
     return out, (plan.detach() if return_plan else None)
 

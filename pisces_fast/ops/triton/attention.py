@@ -41,9 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import DEGENERATE_RANGE
+from ..reference import DEGENERATE_RANGE, unbalanced_exponent
 from ._launch import (
     check_problem_size,
+    device_constants,
     launch_device,
     next_pow2,
     padded_stride,
@@ -52,15 +53,18 @@ from ._launch import (
 )
 from ._reduce import MAX, MIN, SUM
 from .sinkhorn import (
+    LOG_CEIL_FP32,
+    LOG_CEIL_FP64,
     NEG,
     P_INV_EPS,
     P_TAU,
     P_TOL,
-    SCALING_MAX_EXPONENT_FP32,
-    SCALING_MAX_EXPONENT_FP64,
     _solve,
+    scaling_domain_ok,
+    scaling_shift,
+    fast_log,
     sinkhorn_blocks,
-    solver_params,
+    solver_param_values,
 )
 
 # Params slots after the solver's (see sinkhorn.P_*).
@@ -84,7 +88,9 @@ INF = tl.constexpr(float("inf"))
 
 # Text-token queries per problem: the solve holds all of them in one tile (see sinkhorn.py).
 MAX_QUERIES = 1024
-MAX_HEAD_DIM = 256
+# Head dims up to 128 (ModelScope/CogVideoX 64, Wan/HunyuanVideo 128): at 256 the fuse and backward
+# kernels spilled 200-900 B per thread on sm_90a with every tile shape tried (compile_report).
+MAX_HEAD_DIM = 128
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,7 +324,7 @@ def _attn_solve_kernel(
     SCRATCH, GBUF, ROWST, PART, RANGES, LOGV, KPM, QPM, PARAMS, COUNTER,
     P, H, N, M, MS, n_blocks, max_iter,
     HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr, SCALING: tl.constexpr,
-    BN: tl.constexpr, BM: tl.constexpr, BRB: tl.constexpr,
+    BN: tl.constexpr, BM: tl.constexpr, BRB: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
     """Persistent: each program takes problems from an atomic counter; per problem the final
     normalization turns the scratch into the Sinkhorn operand in place, then Algorithm 3 runs."""
@@ -355,10 +361,11 @@ def _attn_solve_kernel(
         log_mu = -tl.log(tl.reduce(rv.to(DT), 0, SUM))
 
         # C = (total - lo) / span lies in [0, 1] with min exactly 0, so log K = -C/ε needs no shift.
+        # The scratch is rewritten over the whole padded stride (the sweeps' loads are bounded by it).
         n_cols = tl.full((BM,), 0.0, DT)
         r_max = tl.full((BN,), NEG, DT)
         r_sum = tl.full((BN,), 0.0, DT)
-        for j0 in range(0, M, BM):
+        for j0 in range(0, MS, BM):
             offs_m = j0 + tl.arange(0, BM)
             in_m = offs_m < M
             if HAS_KPM:
@@ -368,28 +375,36 @@ def _attn_solve_kernel(
             n_cols += cv.to(DT)
             valid = rv[:, None] & cv[None, :]
             ptrs = ks + offs_n[:, None] * MS + offs_m[None, :]
+            in_ms = in_n[:, None] & (offs_m < MS)[None, :]
             cost = (tl.load(ptrs, mask=valid, other=0.0) - lo_c) / sp_c
             if SCALING:
                 kern = tl.where(valid, tl.exp(-cost * inv_eps), 0.0)
-                tl.store(ptrs, kern, mask=in_n[:, None] & in_m[None, :])
+                tl.store(ptrs, kern, mask=in_ms)
                 r_sum += tl.reduce(kern, 1, SUM)
             else:
-                tl.store(ptrs, cost, mask=in_n[:, None] & in_m[None, :])
                 lk = tl.where(valid, -cost * inv_eps, NEG)
+                tl.store(ptrs, lk, mask=in_ms)
                 m_new = tl.maximum(r_max, tl.reduce(lk, 1, MAX))
                 r_sum = r_sum * tl.exp(r_max - m_new) + tl.reduce(tl.exp(lk - m_new[:, None]), 1, SUM)
                 r_max = m_new
-            tl.store(g_buf + offs_m, tl.full((BM,), 0.0, DT), mask=in_m)  # log v = 0
+            tl.store(g_buf + offs_m, tl.full((BM,), 0.0, DT), mask=offs_m < MS)  # log v = 0
         if SCALING:
             row_lse = tl.log(r_sum)
         else:
             row_lse = r_max + tl.log(r_sum)
-        log_nu = -tl.log(tl.reduce(n_cols, 0, SUM))
+        n_valid_cols = tl.reduce(n_cols, 0, SUM)
+        log_nu = -tl.log(n_valid_cols)
+        if DT == tl.float64:
+            log_ceil = LOG_CEIL_FP64
+        else:
+            log_ceil = LOG_CEIL_FP32
+        # The exponent range of K = exp(-C/ε) with C in [0, 1] is at most 1/ε.
+        shift = scaling_shift(inv_eps, tau, n_valid_cols, log_ceil)
         # The sweeps read scratch entries that other threads of this program converted.
         tl.debug_barrier()
 
-        log_u, cur, _ = _solve(ks, g_buf, kpm, M, MS, offs_n, rv, log_mu, log_nu, row_lse, tau, inv_eps, 0.0, tol,
-                               max_iter, SCALING, HAS_KPM, BN, BM, DT)
+        log_u, cur, _ = _solve(ks, g_buf, N, MS, offs_n, rv, log_mu, log_nu, row_lse, tau, 0.0, shift, tol,
+                               max_iter, SCALING, BN, BM, DT, FAST_LOG)
         tl.store(rowst + R_LOGU * N + offs_n, log_u, mask=in_n)
         for j0 in range(0, M, BM):
             offs_m = j0 + tl.arange(0, BM)
@@ -704,10 +719,11 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 def _blocks(n: int, m: int, d: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and warps of the dot-product kernels.
 
-    GPU choices come from compiling for sm_90a and reading ptxas' register / spill / shared-memory
-    report (not yet timed on hardware): at the paper's shape (N=40, D=64) one 64-row block covers
-    all queries; wider heads get shorter row blocks so the tf32x3 operand copies stay within shared
-    memory. The interpreter pays per op, so it gets whole-problem tiles.
+    GPU choices come from compiling for sm_80 and sm_90a and reading ptxas' register / spill /
+    shared-memory report (tests/test_triton_compile.py fails on any spill; not yet timed on
+    hardware): 32-row blocks (two at the paper's N = 40; 64-row blocks spilled 440 B in stats and
+    cost on sm_80) and 8 warps; wider heads get shorter row blocks so the tf32x3 operand copies stay
+    within registers and shared memory. The interpreter pays per op, so it gets whole-problem tiles.
     """
     bd, bdv = next_pow2(max(d, 16)), next_pow2(max(dv, 16))
     if _BLOCK_OVERRIDE is not None:
@@ -718,11 +734,14 @@ def _blocks(n: int, m: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
         bm = max(16, min(next_pow2(m), 16384 // bn))
         return dict(bn=bn, bd=bd, bdv=bdv, stats=(bm, 4), cost=(bm, 4), fuse=(bm, 4), dq=(bm, 4), dkdv=(bm, 4))
     wide = max(bd, bdv)
-    cap = 64 if wide <= 64 else (32 if wide <= 128 else 16)
+    cap = 32 if wide <= 64 else 16  # 128-wide heads at 32 rows spilled 220 B in dq (sm_90a)
     if dtype == torch.float64:
-        cap = max(16, cap // 2)
+        cap = 16
     bn = min(next_pow2(max(n, 16)), cap)
-    return dict(bn=bn, bd=bd, bdv=bdv, stats=(64, 4), cost=(64, 4), fuse=(16, 8), dq=(16, 8), dkdv=(32, 8))
+    # dk/dv with 128-wide heads: without software pipelining of the q / dout loads (their extra
+    # buffers spilled 8-12 B on sm_80).
+    return dict(bn=bn, bd=bd, bdv=bdv, stats=(64, 8), cost=(64, 8), fuse=(16, 8), dq=(16, 8), dkdv=(16, 8),
+                dkdv_options={"num_stages": 1} if wide > 64 else {})
 
 
 def _as_u8(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -739,9 +758,9 @@ def _check_sizes(n: int, d: int, dv: int) -> None:
 
 
 def forward_params(eps, mass, tol, scale, gamma, eta, fuse_eps, dtype, device) -> torch.Tensor:
-    params = solver_params(eps, mass, tol, dtype, device)
-    extra = torch.tensor([scale, gamma, eta, fuse_eps], dtype=dtype, device=device)
-    return torch.cat([params, extra])
+    # One cached device tensor per parameter set (see _launch.device_constants): no upload per call.
+    values = solver_param_values(eps, mass, tol, dtype) + [scale, gamma, eta, fuse_eps]
+    return device_constants(values, dtype, device)
 
 
 def ot_attention_forward(
@@ -759,7 +778,8 @@ def ot_attention_forward(
     _check_sizes(n, d, dv)
     dtype, device = q.dtype, q.device
     p = b * h
-    ms = padded_stride(m)
+    solve_bn, solve_bm, solve_warps = sinkhorn_blocks(n, m, dtype, device)
+    ms = padded_stride(m, max(16, 2 * solve_bm))
     cfg = _blocks(n, m, d, dv, dtype, device)
     bn = cfg["bn"]
     n_blocks = triton.cdiv(n, bn)
@@ -778,16 +798,14 @@ def ot_attention_forward(
     log_v = torch.empty((p, m), dtype=dtype, device=device)
     y = torch.empty((b, h, n, dv), dtype=dtype, device=device)
     params = forward_params(eps, mass, tol, scale, gamma, eta, fuse_eps, dtype, device)
-    # The normalized cost spans [0, 1], so the kernel's exponent range is exactly 1/eps.
-    scaling_max = SCALING_MAX_EXPONENT_FP64 if dtype == torch.float64 else SCALING_MAX_EXPONENT_FP32
-    scaling = domain != 1 and (1.0 / eps) <= scaling_max
+    # The normalized cost spans [0, 1], so the kernel's exponent range is at most 1/eps.
+    scaling = domain != 1 and scaling_domain_ok(1.0 / eps, unbalanced_exponent(eps, mass), n, m, dtype)
     kpm, qpm = _as_u8(key_padding_mask), _as_u8(query_padding_mask)
     kpm_arg = kpm if kpm is not None else g_buf  # never dereferenced when HAS_KPM is False
     qpm_arg = qpm if qpm is not None else g_buf
     flags = dict(HAS_KPM=kpm is not None, HAS_QPM=qpm is not None)
     dot = dict(DOT_PRECISION=_dot_precision(dtype, device))
     brb = next_pow2(n_blocks)
-    solve_bn, solve_bm, solve_warps = sinkhorn_blocks(n, m, dtype, device)
     with launch_device(device):
         _attn_stats_kernel[(p, n_blocks)](
             q, k, frame_idx, coords, kpm_arg, qpm_arg, row_stats, partials, params,
@@ -802,8 +820,9 @@ def ot_attention_forward(
         _attn_solve_kernel[(programs,)](
             scratch, g_buf, row_stats, partials, ranges, log_v, kpm_arg, qpm_arg, params, counter,
             p, h, n, m, ms, n_blocks, max_iter,
-            SCALING=scaling, BN=solve_bn, BM=solve_bm, BRB=brb, num_warps=solve_warps, **flags,
-            **persistent_launch_options(device),
+            SCALING=scaling, BN=solve_bn, BM=solve_bm, BRB=brb, FAST_LOG=fast_log(dtype, device), num_warps=solve_warps,
+            **flags,
+            **persistent_launch_options(device, solve_warps),
         )
         _attn_fuse_kernel[(p, n_blocks)](
             q, k, v, frame_idx, coords, kpm_arg, qpm_arg, out, plan if return_plan else g_buf, row_stats, log_v,
@@ -852,5 +871,6 @@ def ot_attention_backward(
             q, k, v, frame_idx, coords, kpm_arg, qpm_arg, dout, row_stats, log_v, ranges, de, params, dk, dval,
             h, n, m, d, dv,
             BN=bn, BM=bm, BD=cfg["bd"], BDV=cfg["bdv"], num_warps=cfg["dkdv"][1], **flags,
+            **cfg.get("dkdv_options", {}),
         )
     return dq, dk, dval

@@ -18,6 +18,30 @@ from torch import Tensor
 from .attention import N_RANGES, ROW_STATS, ot_attention_backward, ot_attention_forward
 from .sinkhorn import sinkhorn_forward
 
+# OTConfig.domain -> the kernels' code (0 = per-problem choice, 1 = force the log domain). The kernels
+# cannot force the scaling domain: "scaling" is refused, never silently replaced.
+DOMAIN_CODES = {"auto": 0, "log": 1}
+# OTConfig.kernel_dtype values the kernels honour (storage of the scaling-domain operand).
+KERNEL_DTYPES = ("auto", "float32")
+
+
+def domain_code(domain: str) -> int:
+    """The kernel code of ``domain``; ValueError naming what this backend supports."""
+    try:
+        return DOMAIN_CODES[domain]
+    except KeyError:
+        raise ValueError(
+            f"backend='triton' cannot run domain={domain!r} (supported: {tuple(DOMAIN_CODES)})"
+        ) from None
+
+
+def check_kernel_dtype(kernel_dtype: str) -> str:
+    if kernel_dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"backend='triton' cannot store the kernel matrix as kernel_dtype={kernel_dtype!r} (supported: {KERNEL_DTYPES})"
+        )
+    return kernel_dtype
+
 
 @torch.library.custom_op("pisces_fast::triton_sinkhorn", mutates_args=())
 def triton_sinkhorn(
@@ -28,13 +52,15 @@ def triton_sinkhorn(
     mass: float,
     max_iter: int,
     tol: float,
-    domain: int = 0,
+    domain: str = "auto",
+    kernel_dtype: str = "auto",
 ) -> Tensor:
-    return sinkhorn_forward(cost, row_mask, col_mask, eps, mass, max_iter, tol, domain)
+    check_kernel_dtype(kernel_dtype)
+    return sinkhorn_forward(cost, row_mask, col_mask, eps, mass, max_iter, tol, domain_code(domain))
 
 
 @triton_sinkhorn.register_fake
-def _(cost, row_mask, col_mask, eps, mass, max_iter, tol, domain=0):
+def _(cost, row_mask, col_mask, eps, mass, max_iter, tol, domain="auto", kernel_dtype="auto"):
     return torch.empty_like(cost, memory_format=torch.contiguous_format)
 
 
@@ -56,17 +82,19 @@ def triton_ot_attention(
     fuse_eps: float,
     scale: float,
     return_plan: bool,
-    domain: int = 0,
+    domain: str = "auto",
+    kernel_dtype: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_kernel_dtype(kernel_dtype)
     return ot_attention_forward(
         q, k, v, frame_idx, coords, key_padding_mask, query_padding_mask,
-        gamma, eta, eps, mass, max_iter, tol, fuse_eps, scale, return_plan, domain,
+        gamma, eta, eps, mass, max_iter, tol, fuse_eps, scale, return_plan, domain_code(domain),
     )
 
 
 @triton_ot_attention.register_fake
 def _(q, k, v, frame_idx, coords, key_padding_mask, query_padding_mask, gamma, eta, eps, mass, max_iter, tol,
-      fuse_eps, scale, return_plan, domain=0):
+      fuse_eps, scale, return_plan, domain="auto", kernel_dtype="auto"):
     b, h, n, _ = q.shape
     m, dv = k.shape[2], v.shape[3]
     out = q.new_empty((b, h, n, dv))
@@ -117,7 +145,7 @@ def _(dout, q, k, v, frame_idx, coords, key_padding_mask, query_padding_mask, ou
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, frame_idx, coords, key_padding_mask, query_padding_mask,
-     gamma, eta, eps, _mass, _max_iter, _tol, fuse_eps, scale, _return_plan, _domain) = inputs
+     gamma, eta, eps, _mass, _max_iter, _tol, fuse_eps, scale, _return_plan, _domain, _kernel_dtype) = inputs
     out, plan, row_stats, log_v, ranges, y = output
     ctx.save_for_backward(q, k, v, frame_idx, coords, key_padding_mask, query_padding_mask,
                           out, row_stats, log_v, ranges, y)
@@ -138,7 +166,7 @@ def _backward(ctx, dout, _dplan, _drow_stats, _dlog_v, _dranges, _dy):
         out, row_stats, log_v, ranges, y, gamma, eta, eps, fuse_eps, scale,
     )
     # Gradients for q, k, v; none for the positions, masks and scalars.
-    return (dq, dk, dv) + (None,) * 14
+    return (dq, dk, dv) + (None,) * 15
 
 
 triton_ot_attention.register_autograd(_backward, setup_context=_setup_context)
