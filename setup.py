@@ -1,103 +1,102 @@
-"""Build and install pisces_fast.
+"""Build the native extension of pisces_fast (metadata and dependencies are in pyproject.toml).
 
-The CPU kernels in ``csrc/`` are compiled into ``pisces_fast._C`` (a torch C++ extension, built
-with ninja and OpenMP) when torch and a C++ compiler are present at build time. When they are not,
-or the build fails, a pure-Python package is installed and ``backend="cpp"`` reports itself as
-unavailable; every op still runs on the reference path.
+The CPU kernels in ``csrc/`` compile into ``pisces_fast._C`` (a torch C++ extension, ninja + OpenMP) against the
+torch that is already installed, so install with ``pip install --no-build-isolation ...``. The extension builds
+the same way under every install path: a plain wheel, a PEP 660 editable install (``pip install -e``, any pip)
+and the legacy ``setup.py develop``.
 
-Install with ``pip install --no-build-isolation -e .`` so the build sees the torch you already have
-(build isolation would fetch a second, multi-GB torch just to compile against).
+It is never dropped silently:
+- no C++ compiler on the machine: a pure-Python package is installed and ``backend="cpp"`` reports itself
+  unavailable (``python -m pisces_fast.info`` says why);
+- a compiler but no importable torch at build time (pip's build isolation hides the installed torch), or a compiler
+  error: the install fails with a message naming the fix. ``PISCES_FAST_NO_EXT=1`` installs without the extension
+  on purpose.
 """
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.develop import develop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EXT_NAME = "pisces_fast._C"
+NO_EXT_HINT = "set PISCES_FAST_NO_EXT=1 to install without the C++ backend (every op then runs on the reference path)"
+
+
+def _compile_flags() -> list[str]:
+    # No -std flag: BuildExtension picks the standard this torch's headers need (C++20 for 2.13).
+    # -ffp-contract=fast: let the vector kernels use FMA (ISO C++ mode would otherwise forbid it);
+    # -fno-math-errno: lets sqrt vectorize (the kernels never read errno).
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+    if os.environ.get("PISCES_FAST_PORTABLE") != "1":
+        flags.append("-march=native")
+    return flags
+
+
+class TorchMissingBuildExt(build_ext):
+    """A compiler exists but torch is not importable here: fail loudly instead of installing without `_C`."""
+
+    def run(self):
+        raise SystemExit(
+            "pisces_fast: cannot build the C++ backend: torch is not importable in the build environment "
+            f"({sys.executable}). This happens under pip's build isolation: install torch first, then run "
+            "`pip install --no-build-isolation ...`; or " + NO_EXT_HINT + ".")
 
 
 def native_extensions():
-    """Return (ext_modules, cmdclass) for the C++ CPU backend, or ([], {}) when it can't be built."""
-    if os.environ.get("PISCES_FAST_NO_EXT") == "1":
-        return [], {}
+    """Return (ext_modules, cmdclass) for the C++ CPU backend."""
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    if not sources:
-        return [], {}
-    try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError:
-        print("pisces_fast: torch not importable at build time; installing without the C++ backend", file=sys.stderr)
+    if os.environ.get("PISCES_FAST_NO_EXT") == "1" or not sources:
         return [], {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         print("pisces_fast: no C++ compiler found; installing without the C++ backend", file=sys.stderr)
         return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        # Declared anyway so that building it (and only building it; metadata and sdists work) fails loudly.
+        return [Extension(EXT_NAME, sources=sources)], {"build_ext": TorchMissingBuildExt}
 
-    class OptionalBuildExtension(BuildExtension):
-        """A failed native build must not fail the install: the reference path still works."""
-
+    class LoudBuildExtension(BuildExtension):
         def run(self):
             try:
                 super().run()
-            except Exception as exc:  # noqa: BLE001 - any compiler failure means "no native backend"
-                print(f"pisces_fast: C++ backend build failed ({exc}); installing without it", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the way out
+                raise SystemExit(f"pisces_fast: the C++ backend failed to compile ({exc}); fix the compiler error "
+                                 f"above, or {NO_EXT_HINT}.") from exc
 
-    # No -std flag: BuildExtension picks the standard this torch's headers need (C++20 for 2.13).
-    # -ffp-contract=fast: let the vector kernels use FMA (ISO C++ mode would otherwise forbid it);
-    # -fno-math-errno: lets sqrt vectorize (the kernels never read errno).
-    extra = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
-    if os.environ.get("PISCES_FAST_PORTABLE") != "1":
-        extra.append("-march=native")
     ext = CppExtension(
-        name="pisces_fast._C",
+        name=EXT_NAME,
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args=extra,
+        extra_compile_args=_compile_flags(),
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": LoudBuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+class DevelopWithoutIsolation(develop):
+    """`setup.py develop` on setuptools >= 80 re-runs `pip install -e .` with build isolation, where torch cannot be
+    imported. Run that pip without isolation so the legacy path builds `_C` against the installed torch too."""
+
+    def run(self):
+        if hasattr(develop, "install_for_development"):  # setuptools < 80: the real develop, builds in place
+            return super().run()
+        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", HERE]
+        if getattr(self, "no_deps", False):
+            cmd.append("--no-deps")
+        if getattr(self, "user", False):
+            cmd.append("--user")
+        if getattr(self, "prefix", None):
+            cmd += ["--prefix", self.prefix]
+        subprocess.check_call(cmd)
 
 
 ext_modules, cmdclass = native_extensions()
+cmdclass["develop"] = DevelopWithoutIsolation
 
-setup(
-    name="pisces_fast",
-    version="0.1.0",
-    description="Kernel-accelerated OT-aligned reward post-training (PISCES) and DF-DPO for text-to-video diffusion",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    if os.path.exists(os.path.join(HERE, "README.md"))
-    else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["pisces_fast", "pisces_fast.*"]),
-    package_data={"pisces_fast": ["assets/*", "assets/**/*"]},
-    include_package_data=True,
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4,<2.15",
-        "numpy>=1.24",
-        "packaging>=23.0",
-        "diffusers>=0.32",
-        "transformers>=4.46",
-        "peft>=0.13",
-        "deepspeed>=0.15",
-        "safetensors>=0.4",
-        "pyyaml>=6.0",
-        "tqdm>=4.66",
-        "imageio>=2.31",
-        "av>=12.0",
-        "matplotlib>=3.7",
-        "scipy>=1.10",
-        "pybind11>=2.12",
-        "ninja>=1.11",
-    ],
-    extras_require={
-        # Triton ships inside CUDA torch wheels; on CPU machines it is only needed for the interpreter tests.
-        "triton": ["triton>=3.0"],
-        "test": ["pytest>=8.0", "pot>=0.9.4", "triton>=3.0"],
-        "flash": ["flash-attn>=2.6"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, zip_safe=False)

@@ -1,7 +1,8 @@
 """pisces_fast: kernel-accelerated OT-aligned rewards for text-to-video post-training (PISCES).
 
-The top level re-exports the op family; rewards, training, eval and data are imported from their
-subpackages (they pull in transformers/diffusers, which a kernel user should not have to load).
+The top level re-exports the op family and `load_lora` (a trained LoRA into a stock diffusers pipeline; it imports
+peft/diffusers only when called); rewards, training, eval and data are imported from their subpackages (they pull
+in transformers/diffusers, which a kernel user should not have to load).
 """
 from .ops import (
     OTAttention,
@@ -13,12 +14,15 @@ from .ops import (
     video_token_positions,
 )
 
+from .training.lora import load_lora  # LoRA (+ a student's w projection) into a stock diffusers pipeline
+
 __version__ = "0.1.0"
 
 __all__ = [
     "OTAttention",
     "available_backends",
     "fuse_attention",
+    "load_lora",
     "ot_attention",
     "sinkhorn_unbalanced",
     "spatiotemporal_cost",

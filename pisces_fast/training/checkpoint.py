@@ -2,7 +2,8 @@
 
 Layout: OUTPUT_DIR/checkpoints/checkpoint-00000012/ with
   lora.safetensors (+ lora_ema.safetensors)   trainable adapter (and the EMA target), safetensors
-  optimizer.pt  or  deepspeed/                 optimizer + LR scheduler (torch, loaded weights_only) / DeepSpeed's
+  optimizer.pt  or  deepspeed/                 optimizer + LR scheduler: torch, or DeepSpeed's files; both are read
+                                               with torch's weights_only unpickler (nothing in a checkpoint runs code)
   trainer_state.json                           step, data position, config snapshot
   rng/rank{r}.json + rank{r}.safetensors       python, numpy and torch (CPU, CUDA) RNG states of every rank
 and OUTPUT_DIR/checkpoints/latest naming the newest complete checkpoint.
@@ -10,6 +11,9 @@ and OUTPUT_DIR/checkpoints/latest naming the newest complete checkpoint.
 Atomicity: everything is written into `.tmp-checkpoint-N/`, fsynced, then renamed in one `os.replace`; `latest`
 is replaced the same way. A crash leaves either the old or the new checkpoint, never half of one; stale tmp
 directories are ignored and cleaned up.
+
+Resuming never guesses: a missing, truncated or garbage file (or a `latest` naming no checkpoint) raises
+`CheckpointError` naming the file, instead of silently resuming from another checkpoint or starting afresh.
 """
 from __future__ import annotations
 
@@ -18,12 +22,18 @@ import os
 import random
 import re
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from ..fileio import atomic_write_text, fsync_dir
+
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt; the message names the file and says what is wrong."""
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -38,25 +48,27 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(root)
+        fsync_dir(root)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def read_checkpoint_file(path: str, load: Callable[[str], object]):
+    """`load(path)` with every failure turned into one `CheckpointError` naming the file (missing, truncated,
+    not the expected format)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file missing: {path} (the checkpoint is incomplete; resume from another "
+                              "one with --resume DIR, or start afresh without --resume)")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return load(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file; the cause is kept
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint file corrupt: {path}: {detail}") from exc
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,12 +113,15 @@ def load_rng(directory: str, rank: int) -> None:
     from safetensors.torch import load_file
 
     js, st = os.path.join(directory, f"rank{rank}.json"), os.path.join(directory, f"rank{rank}.safetensors")
-    if not (os.path.isfile(js) and os.path.isfile(st)):
-        raise FileNotFoundError(f"checkpoint: RNG state for rank {rank} not found in {directory} (was the run saved "
-                                "with a different number of ranks?)")
-    with open(js) as fh:
-        meta = json.load(fh)
-    set_rng_state(meta, load_file(st))
+    if not (os.path.isfile(js) or os.path.isfile(st)) and os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint: RNG state for rank {rank} not found in {directory} (was the run saved with "
+                              "a different number of ranks?)")
+    meta = read_checkpoint_file(js, _read_json)
+    tensors = read_checkpoint_file(st, load_file)
+    try:
+        set_rng_state(meta, tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint file corrupt: {js} / {st}: not an RNG state ({exc})") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,38 +129,77 @@ def load_rng(directory: str, rank: int) -> None:
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Published checkpoint directories (complete unless damaged afterwards), oldest first."""
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
     out = []
     for name in os.listdir(root):
         m = CKPT_RE.match(name)
-        if m and os.path.isfile(os.path.join(root, name, "trainer_state.json")):
+        if m and os.path.isdir(os.path.join(root, name)):
             out.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(out)
 
 
 def find_resume_checkpoint(output_dir: str, resume: Optional[str]) -> Optional[str]:
-    """`resume`: None (fresh start), "latest" (newest complete checkpoint, or fresh if none), or a directory."""
+    """`resume`: None (fresh start), "latest" (the checkpoint `checkpoints/latest` names; a fresh start when the run
+    has none yet), or a checkpoint directory. A damaged `latest` or checkpoint is an error, never silently replaced
+    by another checkpoint."""
     if resume is None:
         return None
     if resume != "latest":
-        if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
-            raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
+        verify_checkpoint(resume)
         return resume
-    latest = os.path.join(checkpoint_root(output_dir), "latest")
-    if os.path.isfile(latest):
-        with open(latest) as fh:
-            path = os.path.join(checkpoint_root(output_dir), fh.read().strip())
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
-            return path
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    root = checkpoint_root(output_dir)
+    latest = os.path.join(root, "latest")
+    if not os.path.isfile(latest):
+        found = list_checkpoints(output_dir)
+        if not found:
+            return None  # nothing saved yet: "latest" is a fresh start
+        # `latest` is written right after the first checkpoint is published: only a crash in between (or a user)
+        # leaves checkpoints without it. Don't guess which one was meant.
+        raise CheckpointError(f"--resume latest: {latest} is missing but {root} holds {len(found)} checkpoint(s); "
+                              f"pass one explicitly, e.g. --resume {found[-1][1]}")
+    with open(latest, "rb") as fh:
+        raw = fh.read()
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if not CKPT_RE.match(name):
+        raise CheckpointError(f"checkpoint file corrupt: {latest}: expected the name of a checkpoint directory "
+                              f"(checkpoint-NNNNNNNN), got {raw[:60]!r}")
+    path = os.path.join(root, name)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{latest} names {name}, which does not exist in {root}")
+    verify_checkpoint(path)
+    return path
+
+
+def verify_checkpoint(path: str) -> None:
+    """The files every checkpoint has (the optimizer state is checked by the backend that reads it)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--resume {path}: not a directory")
+    for name in ("trainer_state.json", "lora.safetensors"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing (resume from another checkpoint "
+                                  "with --resume DIR, or start afresh without --resume)")
 
 
 def read_trainer_state(path: str) -> dict:
-    with open(os.path.join(path, "trainer_state.json")) as fh:
-        return json.load(fh)
+    file = os.path.join(path, "trainer_state.json")
+    state = read_checkpoint_file(file, _read_json)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("data"), dict):
+        raise CheckpointError(f"checkpoint file corrupt: {file}: expected a JSON object with an integer `step` and a "
+                              "`data` position")
+    return state
+
+
+def read_checkpoint_lora(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's LoRA weights (safetensors, finite)."""
+    from .lora import read_lora
+
+    return read_checkpoint_file(path, lambda p: read_lora(p)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,7 +241,7 @@ class CheckpointWriter:
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             atomic_write_text(os.path.join(self.root, "latest"), os.path.basename(final))
             for _, old in list_checkpoints(os.path.dirname(self.root))[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
