@@ -12,8 +12,9 @@ from .backbones import (
     load_official_checkpoint,
     tiny_blip_config,
 )
+from .build import BackboneSpec, PiscesRewardSpec, build_backbone, build_pisces_rewards
 from .diagnostics import gradient_cosine, reward_diagnostics
-from .fusion import FUSION_MODES, fuse_rewards, group_ids_from_prompts, group_normalize
+from .fusion import FUSION_MODES, fuse_rewards, group_ids_from_prompts, group_normalize, grpo_advantages
 from .patching import CrossAttentionPatch, POTConfig, patch_cross_attention
 from .pisces_rewards import PiscesRewards
 from .quality import collect_embeddings, quality_reward
@@ -33,6 +34,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "BackboneSpec",
     "BlipVideoBackbone",
     "CrossAttentionPatch",
     "FUSION_MODES",
@@ -42,11 +44,14 @@ __all__ = [
     "OTMap",
     "OTMapConfig",
     "POTConfig",
+    "PiscesRewardSpec",
     "PiscesRewards",
     "SoftmaxAttention",
     "TextFeatures",
     "VideoFeatures",
     "VideoTextBackbone",
+    "build_backbone",
+    "build_pisces_rewards",
     "build_word_tokenizer",
     "collect_embeddings",
     "fit_ot_map",
@@ -55,6 +60,7 @@ __all__ = [
     "gradient_cosine",
     "group_ids_from_prompts",
     "group_normalize",
+    "grpo_advantages",
     "l2_uvp",
     "load_embeddings",
     "load_official_checkpoint",

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from ..fileio import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "ot_map.safetensors"
@@ -133,12 +134,16 @@ class OTMap(nn.Module):
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+        bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if bad:
+            raise ValueError(f"OTMap.save: refusing to write {directory}: {', '.join(bad)} hold NaN or Inf "
+                             "(the fit diverged or the embeddings overflow)")
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
         meta = {"format_version": FORMAT_VERSION, "kind": "pisces_fast.OTMap", **asdict(self.config),
                 "fit_summary": self.fit_summary}
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         return directory
 
     @classmethod
@@ -240,25 +245,14 @@ def _evaluate(ot_map: OTMap, potential: Potential, ys: torch.Tensor, xs: torch.T
     gz = ot_map.forward_standardized(ys)
     s = float(ot_map.scale)
     delta = ot_map.source_mean - ot_map.target_mean
-    cost = ((delta + s * (ys - gz)) ** 2).sum(-1)  # ‖y − T(y)‖² exactly
-    dual_std = potential(xs).mean() + (((ys - gz) ** 2).sum(-1) - potential(gz)).mean()
+    # Embedding units in float64: squared distances of ~1e19-scale embeddings overflow float32.
+    cost = ((delta.double() + s * (ys - gz).double()) ** 2).sum(-1)  # ‖y − T(y)‖² exactly
+    dual_std = potential(xs).mean().double() + (((ys - gz) ** 2).sum(-1) - potential(gz)).mean().double()
     return {
         "val_cost": float(cost.mean()),  # transport cost of the map on held-out text embeddings
-        "val_dual": float(delta.pow(2).sum() + s * s * dual_std),  # ≈ W2² once f is optimal (≈ val_cost)
+        "val_dual": float(delta.double().pow(2).sum() + s * s * dual_std),  # ≈ W2² once f is optimal (≈ val_cost)
         "val_mean_gap": float((gz.mean(0) - xs.mean(0)).norm()) * s,  # ‖mean T(Y) − mean X‖ (held-out)
     }
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same directory, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def fit_ot_map(
@@ -338,10 +332,14 @@ def fit_ot_map(
     potential = potential.to(device=device, dtype=work)
     with torch.no_grad():
         # One common scale for both spaces (see module docstring): the RMS distance to the mean.
-        var = 0.5 * (src_train.var(0, unbiased=False).sum() + tgt_train.var(0, unbiased=False).sum())
-        ot_map.source_mean.copy_(src_train.mean(0))
-        ot_map.target_mean.copy_(tgt_train.mean(0))
+        # In float64: the variance of embeddings of magnitude ~1e19 overflows float32 although the scale does not.
+        var = 0.5 * (src_train.double().var(0, unbiased=False).sum() + tgt_train.double().var(0, unbiased=False).sum())
+        ot_map.source_mean.copy_(src_train.double().mean(0))
+        ot_map.target_mean.copy_(tgt_train.double().mean(0))
         ot_map.scale.copy_(var.clamp_min(1e-12).sqrt() / math.sqrt(d))
+        if not all(bool(torch.isfinite(b).all()) for b in (ot_map.source_mean, ot_map.target_mean, ot_map.scale)):
+            raise ValueError(f"source/target embeddings are too large for {str(work).replace('torch.', '')}: their mean or "
+                             f"spread overflows (scale = {float(ot_map.scale):.3g}); rescale them (e.g. L2-normalise)")
     s = ot_map.scale
     ys_train = (src_train - ot_map.source_mean) / s
     xs_train = (tgt_train - ot_map.target_mean) / s
@@ -377,7 +375,7 @@ def fit_ot_map(
             "history_keys": keys, "history": rows.reshape(-1, len(keys)),
         }
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(ckpt_path, lambda p: torch.save(state, p))
+        atomic_write(ckpt_path, lambda p: torch.save(state, p))
 
     from tqdm.auto import tqdm
 
@@ -486,12 +484,22 @@ def load_embeddings(path: PathLike, key: Optional[str] = None) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"embedding file {path} not found")
     suffix = path.suffix.lower()
+    def unreadable(exc: Exception) -> ValueError:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ValueError(f"embedding file {path}: not a readable {suffix} file ({detail})")
+
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - truncated / not safetensors
+            raise unreadable(exc) from exc
     elif suffix in (".pt", ".pth", ".bin"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated / not a torch file / holds pickled objects
+            raise unreadable(exc) from exc
         if isinstance(obj, torch.Tensor):
             tensors = {"": obj}
         elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -501,7 +509,10 @@ def load_embeddings(path: PathLike, key: Optional[str] = None) -> torch.Tensor:
     elif suffix == ".npy":
         import numpy as np
 
-        tensors = {"": torch.from_numpy(np.load(path, allow_pickle=False))}
+        try:
+            tensors = {"": torch.from_numpy(np.load(path, allow_pickle=False))}
+        except Exception as exc:  # noqa: BLE001 - truncated / object arrays / not .npy
+            raise unreadable(exc) from exc
     else:
         raise ValueError(f"unsupported embedding file type {suffix!r} for {path}: use .safetensors, .pt/.pth/.bin or .npy")
     if key is not None:
@@ -548,15 +559,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         target = load_embeddings(args.target, args.target_key)
         if source.shape[1] != target.shape[1]:
             raise ValueError(f"--source has {source.shape[1]}-d embeddings but --target has {target.shape[1]}-d")
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        parser.error(str(exc))
-    ot_map = fit_ot_map(
-        source, target, steps=args.steps, batch_size=args.batch_size, inner_steps=args.inner_steps,
-        lr=args.lr, hidden=args.hidden, seed=args.seed, progress=not args.no_progress,
-        residual=not args.no_residual, val_fraction=args.val_fraction, log_every=args.log_every,
-        device=args.device, checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
-    )
-    out = ot_map.save(args.out)
+        ot_map = fit_ot_map(
+            source, target, steps=args.steps, batch_size=args.batch_size, inner_steps=args.inner_steps,
+            lr=args.lr, hidden=args.hidden, seed=args.seed, progress=not args.no_progress,
+            residual=not args.no_residual, val_fraction=args.val_fraction, log_every=args.log_every,
+            device=args.device, checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
+        )
+        out = ot_map.save(args.out)
+    except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as exc:
+        # One line naming the file or flag (fit_ot_map's argument names are the flags with '_' for '-').
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        parser.exit(2, f"{parser.prog} {args.command}: error: {' '.join(message.split())}\n")
     last = ot_map.fit_summary["history"][-1] if ot_map.fit_summary["history"] else {}
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
     print(f"saved OT map ({source.shape[0]} → {target.shape[0]} samples, d={source.shape[1]}) to {out}; {summary}")

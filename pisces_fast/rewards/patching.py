@@ -13,59 +13,40 @@ PISCES §3.2 / Appendix C: in every fusion layer and every head, ``softmax(q k�
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 from torch import nn
 
-from ..ops import DEFAULT_MAX_ITER, DEFAULT_TOL, OTAttention
+from ..ops import OTAttention, OTConfig
+from ..ops.backends import BACKENDS
 
 
 @dataclass(frozen=True)
-class POTConfig:
-    """Hyper-parameters of the token-level partial OT (paper defaults: γ = η = 0.2, ε = 0.05, m = 0.9).
+class POTConfig(OTConfig):
+    """:class:`pisces_fast.ops.OTConfig` (the OT hyper-parameters, declared and validated there) plus
+    the two switches of the patch itself.
 
     Attributes:
         enabled: False installs vanilla softmax attention instead (ablation).
-        gamma, eta: weights of the temporal and spatial cost terms (0 disables a term).
-        eps: entropic temperature of the Sinkhorn solver. mass: transported fraction m ∈ (0, 1]
-            (m ≥ 0.999 is balanced, "full" OT).
-        max_iter, tol: Sinkhorn stopping rule. fuse_eps: the ε of the log-space fusion (Eq. 3).
         backend: "auto" | "reference" | "cpp" | "triton" (see :mod:`pisces_fast.ops`).
+        (inherited) eps, mass, max_iter, tol, gamma, eta, fuse_eps, domain, kernel_dtype,
+        check_inputs: see :class:`~pisces_fast.ops.OTConfig` (paper defaults γ = η = 0.2, ε = 0.05,
+        m = 0.9).
     """
 
     enabled: bool = True
-    gamma: float = 0.2
-    eta: float = 0.2
-    eps: float = 0.05
-    mass: float = 0.9
-    max_iter: int = DEFAULT_MAX_ITER
-    tol: float = DEFAULT_TOL
-    fuse_eps: float = 1e-8
     backend: str = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.enabled, bool):
             raise TypeError(f"POTConfig.enabled must be a bool, got {type(self.enabled).__name__}")
-        for name in ("gamma", "eta", "eps", "mass", "tol", "fuse_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"POTConfig.{name} must be a finite number, got {value!r}")
-        if self.gamma < 0 or self.eta < 0 or self.tol < 0:
-            raise ValueError("POTConfig.gamma, eta and tol must be >= 0")
-        if self.eps <= 0 or self.fuse_eps <= 0:
-            raise ValueError("POTConfig.eps and fuse_eps must be > 0")
-        if not (0 < self.mass <= 1):
-            raise ValueError(f"POTConfig.mass must be in (0, 1], got {self.mass}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ValueError(f"POTConfig.max_iter must be an int >= 1, got {self.max_iter!r}")
-        if not isinstance(self.backend, str):
-            raise TypeError("POTConfig.backend must be a str")
+        if not isinstance(self.backend, str) or self.backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"POTConfig.backend must be one of {('auto',) + BACKENDS}, got {self.backend!r}")
 
     def make_core(self) -> OTAttention:
-        kwargs = asdict(self)
-        return OTAttention(**kwargs)
+        return OTAttention(self, backend=self.backend, enabled=self.enabled)
 
 
 class CrossAttentionPatch:
@@ -142,7 +123,5 @@ def patch_cross_attention(backbone, config: Optional[POTConfig] = None, **overri
     Use as a context manager, or call ``.restore()``.
     """
     if overrides:
-        base = asdict(config) if config is not None else {}
-        base.update(overrides)
-        config = POTConfig(**base)
+        config = replace(config if config is not None else POTConfig(), **overrides)
     return CrossAttentionPatch(backbone, config).apply()

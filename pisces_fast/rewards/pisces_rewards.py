@@ -2,7 +2,7 @@
 
     rewards = PiscesRewards(backbone, ot_map)             # both OT components on (the paper)
     r = rewards(video, prompts)                            # {"quality": (B,), "semantic": (B,)}
-    loss = -fuse_rewards(r).mean()                         # differentiable w.r.t. video
+    loss = -rewards.fuse(r).mean()                         # differentiable w.r.t. video
 
 ``video`` is float ``(B, T, 3, H, W)`` in [0, 1], ``prompts`` a list of B strings. The reward
 model is frozen (eval mode, no parameter gradients) but gradients flow to ``video``.
@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbones.base import VideoTextBackbone
 from .backbones.preprocess import check_prompts, check_video
-from .fusion import fuse_rewards
+from .fusion import fuse_rewards, group_ids_from_prompts
 from .patching import POTConfig
 from .quality import quality_reward
 from .semantic import semantic_reward
@@ -108,8 +108,10 @@ class PiscesRewards(nn.Module):
         return out
 
     def fuse(self, rewards: Mapping[str, torch.Tensor], *, mode: str = "equal", prompts=None, group_ids=None) -> torch.Tensor:
-        """:func:`~pisces_fast.rewards.fuse_rewards` with this module's weights."""
-        return fuse_rewards(rewards, mode=mode, weights=self.weights, prompts=prompts, group_ids=group_ids)
+        """:func:`~pisces_fast.rewards.fuse_rewards` with this module's weights (groups from ``prompts`` or ``group_ids``)."""
+        if mode == "group" and group_ids is None and prompts is not None:
+            group_ids = group_ids_from_prompts(prompts)
+        return fuse_rewards(rewards, self.weights, mode, group_ids)
 
     def extra_repr(self) -> str:
         return f"use_ot_map={self.use_ot_map}, use_pot={self.use_pot}, weights={self.weights}, pot={self.pot}"

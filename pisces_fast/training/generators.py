@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from packaging.version import Version
 
+from pisces_fast.rewards.backbones.preprocess import check_video  # the one video check (rewards sit below training)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -118,6 +120,80 @@ class TransformersTextEncoder(nn.Module):
         if self.pooled_dim is not None and pooled.shape[-1] != self.pooled_dim:
             pooled = pooled[..., : self.pooled_dim]
         return TextConditioning(hidden, mask, pooled)
+
+
+# The stock pipeline each text-conditioning family comes from, and its default max prompt length
+# (`TextToVideoSDPipeline`: the CLIP tokenizer's model_max_length, 77; `WanPipeline.__call__`: 512;
+# `HunyuanVideoPipeline.__call__`: 256 Llama tokens after the template's crop).
+PIPELINE_FAMILIES = {"modelscope": "TextToVideoSDPipeline", "wan": "WanPipeline", "hunyuan": "HunyuanVideoPipeline"}
+DEFAULT_TEXT_MAX_LENGTH = {"modelscope": 77, "wan": 512, "hunyuan": 256}
+
+
+class PipelineTextEncoder(nn.Module):
+    """Prompt conditioning computed by the stock diffusers pipeline's own `encode_prompt`, so a LoRA trained here sees
+    exactly what it sees at inference in `TextToVideoSDPipeline` / `WanPipeline` / `HunyuanVideoPipeline`:
+
+    - modelscope: CLIP, the tokenizer's 77 tokens, no attention mask passed (every position feeds the UNet);
+    - wan: UMT5EncoderModel, `max_length` tokens (512 like `WanPipeline.__call__`), padding positions zeroed;
+    - hunyuan: the Llama prompt template with its crop, `hidden_states[-3]`, the attention mask, and
+      `text_encoder_2` (CLIP) `pooler_output` as the pooled vector.
+
+    The pipeline object built here holds only the text components (it is not an nn.Module, so its modules are
+    registered once, on this module). `mask`: the tokenizer's mask (all True for modelscope, whose UNet attends to
+    every position); `pooled`: CLIP's pooled vector for hunyuan, an empty (B, 0) tensor otherwise (unused).
+    """
+
+    def __init__(self, family: str, text_encoder: nn.Module, tokenizer, text_encoder_2: Optional[nn.Module] = None,
+                 tokenizer_2=None, max_length: Optional[int] = None):
+        super().__init__()
+        import diffusers
+
+        if family not in PIPELINE_FAMILIES:
+            raise ValueError(f"text family: expected one of {sorted(PIPELINE_FAMILIES)}, got {family!r}")
+        self.family, self.text_encoder, self.text_encoder_2 = family, text_encoder, text_encoder_2
+        if family == "modelscope":
+            native = int(tokenizer.model_max_length)
+            if max_length is not None and max_length != native:
+                raise ValueError(f"model.text_max_length: TextToVideoSDPipeline always pads CLIP prompts to the tokenizer's "
+                                 f"model_max_length ({native}); got {max_length} (leave it unset)")
+            max_length = native
+        self.max_length = int(max_length or DEFAULT_TEXT_MAX_LENGTH[family])
+        cls = getattr(diffusers, PIPELINE_FAMILIES[family])
+        kwargs = dict(text_encoder=text_encoder, tokenizer=tokenizer, vae=None, scheduler=None)
+        if family == "modelscope":
+            kwargs["unet"] = None
+        else:
+            kwargs["transformer"] = None
+        if family == "hunyuan":
+            kwargs.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        import logging
+
+        logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # TextToVideoSDPipeline's deprecation notice: it is the pipeline users load
+        try:
+            self.pipe = cls(**kwargs)
+        finally:
+            logger.setLevel(level)
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+
+    def forward(self, prompts: list[str]) -> TextConditioning:
+        dev = next(self.text_encoder.parameters()).device
+        B = len(prompts)
+        if self.family == "modelscope":
+            embeds, _ = self.pipe.encode_prompt(list(prompts), dev, 1, False)
+            mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=dev)
+            return TextConditioning(embeds, mask, embeds.new_zeros(B, 0))
+        if self.family == "wan":
+            from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+            embeds, _ = self.pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False,
+                                                max_sequence_length=self.max_length, device=dev)
+            tok = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=self.max_length,
+                                 truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+            return TextConditioning(embeds, tok.attention_mask.to(dev).bool(), embeds.new_zeros(B, 0))
+        embeds, pooled, mask = self.pipe.encode_prompt(list(prompts), device=dev, max_sequence_length=self.max_length)
+        return TextConditioning(embeds, mask.bool(), pooled)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,6 +303,9 @@ class VideoGenerator:
                 raise ValueError(f"scheduler prediction_type: only 'epsilon' is supported for UNet3D, got {pt!r}")
             self.alphas_cumprod = scheduler.alphas_cumprod.float()
         self.guidance_embeds = bool(getattr(denoiser.config, "guidance_embeds", False))
+        # Consistency sampler grid and boundary condition (LCMScheduler's original_inference_steps / timestep_scaling);
+        # the CD mode sets them from cd.num_ddim_timesteps / cd.timestep_scaling so the sampler matches the training.
+        self.consistency_original_steps, self.consistency_timestep_scaling, self.consistency_sigma_data = 50, 10.0, 0.5
         for module in (codec, text_encoder):
             module.requires_grad_(False)
             module.eval()
@@ -274,6 +353,36 @@ class VideoGenerator:
         video = self.codec.decode(latents)
         return video[:, strided_frame_indices(video.shape[1], num_frames)]
 
+    # -- guidance (w) conditioning ------------------------------------------------------------------------
+    @property
+    def w_conditioned(self) -> bool:
+        """The denoiser takes the guidance scale as an input (Hunyuan's `guidance`, a UNet3D's `timestep_cond`):
+        guided sampling is one pass with w, not two CFG passes."""
+        if self.arch == "hunyuan":
+            return self.guidance_embeds
+        if self.arch != "unet3d" or getattr(self.denoiser.config, "time_cond_proj_dim", None) is None:
+            return False
+        # With the adapters disabled (the teacher / GRPO reference) a student's w projection is off: CFG again.
+        return not getattr(getattr(self.denoiser.time_embedding, "cond_proj", None), "_disable_adapters", False)
+
+    def enable_guidance_conditioning(self, dim: int = 256) -> None:
+        """Give the student a w input (C2). UNet3D: a zero-initialised `time_embedding.cond_proj` (time_cond_proj_dim
+        = dim) trained and exported with the LoRA (call before `add_lora`). Hunyuan: its own `guidance` input
+        (nothing to add). Wan: diffusers' WanTransformer3DModel has no guidance input, so it cannot be w-conditioned:
+        distil it at one fixed w (cd.guidance_scale_min == max) and sample the student with guidance_scale 1."""
+        if self.arch == "unet3d":
+            from .lora import add_guidance_projection
+
+            add_guidance_projection(self.denoiser, dim)
+        elif self.arch == "hunyuan":
+            if not self.guidance_embeds:
+                raise ValueError("cd.guidance_conditioning: this HunyuanVideoTransformer3DModel was built with "
+                                 "guidance_embeds=False, so it has no guidance input")
+        else:
+            raise ValueError("cd.guidance_conditioning: WanTransformer3DModel has no guidance (w) input in diffusers; set "
+                             "cd.guidance_conditioning false and cd.guidance_scale_min == cd.guidance_scale_max (the "
+                             "student is distilled at that fixed w; sample it with guidance_scale 1)")
+
     # -- denoiser -----------------------------------------------------------------------------------------
     def denoise(self, forward: Callable, latents: torch.Tensor, t: torch.Tensor, text: TextConditioning,
                 guidance: Optional[float] = None) -> torch.Tensor:
@@ -283,7 +392,14 @@ class VideoGenerator:
         x = latents.to(self.dtype)
         ehs = text.embeds.to(self.dtype)
         if self.arch == "unet3d":
-            out = forward(sample=x, timestep=t.long(), encoder_hidden_states=ehs, return_dict=False)[0]
+            cond_dim = getattr(self.denoiser.config, "time_cond_proj_dim", None)
+            w_emb = None
+            if cond_dim is not None and guidance is not None:
+                from .lora import guidance_scale_embedding
+
+                w_emb = guidance_scale_embedding(torch.full((B,), float(guidance)), cond_dim).to(x.device, self.dtype)
+            out = forward(sample=x, timestep=t.long(), encoder_hidden_states=ehs, timestep_cond=w_emb,
+                          return_dict=False)[0]
         elif self.arch == "hunyuan":
             g = torch.full((B,), float(guidance if guidance is not None else 1.0) * 1000.0, device=x.device, dtype=self.dtype)
             out = forward(hidden_states=x, timestep=(t * 1000).to(self.dtype), encoder_hidden_states=ehs,
@@ -295,10 +411,11 @@ class VideoGenerator:
         return out.float()
 
     def guided(self, forward: Callable, latents: torch.Tensor, t: torch.Tensor, cond: TextConditioning,
-               uncond: TextConditioning, scale: float) -> torch.Tensor:
+               uncond: TextConditioning, scale: float, w_input: Optional[bool] = None) -> torch.Tensor:
         """Classifier-free guidance out = u + w (c - u) (= c + (w-1)(c-u)); guidance-distilled models
-        (Hunyuan with guidance_embeds) take w as an input instead of a second pass."""
-        if self.guidance_embeds:
+        (Hunyuan with guidance_embeds) and w-conditioned students take w as an input instead of a second pass.
+        `w_input` overrides that choice (the CD teacher of a UNet3D student is the base model: real CFG)."""
+        if self.w_conditioned if w_input is None else w_input:
             return self.denoise(forward, latents, t, cond, guidance=scale)
         if scale == 1.0:
             return self.denoise(forward, latents, t, cond)
@@ -344,8 +461,15 @@ class VideoGenerator:
         return grid[torch.randint(0, len(grid), (batch,), device=device)]
 
     def flow_sigmas(self, num_steps: int) -> torch.Tensor:
-        """Decreasing sigmas of an n-step flow sampler, ending with 0 (scheduler's shift applied)."""
-        self.scheduler.set_timesteps(num_steps)
+        """Decreasing sigmas of an n-step flow sampler, ending with 0 (scheduler's shift applied), on the grid the
+        family's stock pipeline uses: `HunyuanVideoPipeline` passes sigmas linspace(1, 0, n + 1)[:-1];
+        `WanPipeline` calls set_timesteps(n)."""
+        if self.arch == "hunyuan":
+            import numpy as np
+
+            self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1])
+        else:
+            self.scheduler.set_timesteps(num_steps)
         return self.scheduler.sigmas.float().clone()
 
     def sampling_timesteps(self, num_steps: int) -> torch.Tensor:
@@ -357,29 +481,20 @@ class VideoGenerator:
 
     @torch.no_grad()
     def sample(self, forward: Callable, prompts: list[str], num_steps: int, guidance_scale: float = 1.0,
-               generator: Optional[torch.Generator] = None, on_step: Optional[Callable[[], None]] = None) -> torch.Tensor:
-        """Deterministic sampler (DDIM eta=0 / flow Euler ODE) -> pixel video (B, T, 3, H, W).
+               generator: Optional[torch.Generator] = None, on_step: Optional[Callable[[], None]] = None, *,
+               sampler: str = "ddim", latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sample videos -> pixels (B, T, 3, H, W) in [0, 1] (see `pisces_fast.training.sampling`).
 
+        sampler "ddim": deterministic DDIM (eta = 0) / flow Euler ODE, as the stock pipelines with DDIMScheduler /
+        FlowMatchEulerDiscreteScheduler. sampler "consistency": LCM multistep (epsilon) / re-noising flow sampler,
+        as LCMScheduler / FlowMatchEulerDiscreteScheduler(stochastic_sampling=True). `guidance_scale` is the w input
+        of a w-conditioned denoiser (one pass), CFG otherwise. `latents`: fixed initial noise (B, C, F, h, w);
+        `generator` draws the initial noise (when `latents` is None) and the consistency sampler's fresh noise.
         ``on_step`` is called after every denoising step (a progress bar's update)."""
-        from .diffusion_math import ddim_step
+        from .sampling import sample_latents
 
-        cond = self.encode_text(prompts)
-        uncond = self.encode_text([""] * len(prompts))
-        x = torch.randn(self.latent_shape(len(prompts)), generator=generator).to(self.device)
-        ts = self.sampling_timesteps(num_steps).to(self.device)
-        if self.prediction == "epsilon":
-            ratio = self.num_train_timesteps // num_steps
-            for t in ts:
-                out = self.guided(forward, x, t, cond, uncond, guidance_scale)
-                x = ddim_step(self.alpha_at(x, t), self.alpha_at(x, t - ratio), x, out)
-                if on_step is not None:
-                    on_step()
-        else:
-            for i in range(len(ts) - 1):
-                v = self.guided(forward, x, ts[i], cond, uncond, guidance_scale)
-                x = x + (ts[i + 1] - ts[i]) * v
-                if on_step is not None:
-                    on_step()
+        x = sample_latents(self, forward, prompts, num_steps, guidance_scale, generator, on_step, sampler=sampler,
+                           latents=latents)
         return self.decode_latents(x)
 
 
@@ -388,19 +503,6 @@ def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if v.dim() == 0:
         v = v.expand(like.shape[0])
     return v.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def check_video(video, name: str) -> None:
-    if not isinstance(video, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(video).__name__}")
-    if video.dim() != 5 or video.shape[2] != 3:
-        raise ValueError(f"{name}: expected shape (B, T, 3, H, W), got {tuple(video.shape)}")
-    if video.numel() == 0:
-        raise ValueError(f"{name}: empty tensor {tuple(video.shape)}")
-    if not video.is_floating_point():
-        raise TypeError(f"{name}: expected a floating tensor in [0, 1], got {video.dtype}")
-    if not torch.isfinite(video).all():
-        raise ValueError(f"{name}: contains NaN or Inf")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,7 +548,7 @@ def tiny_scheduler(arch: str):
 
 
 def build_tiny_generator(arch: str = "unet3d", vae: str = "pixel", num_frames: int = 8, height: int = 16, width: int = 16,
-                         seed: int = 0, text_max_length: int = 16, dtype: str = "float32") -> VideoGenerator:
+                         seed: int = 0, text_max_length: Optional[int] = 16, dtype: str = "float32") -> VideoGenerator:
     """A small random generator (tests, CI, the embedded world's starting point)."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # tiny weights depend on `seed` only, never on the training RNG stream
@@ -462,7 +564,7 @@ def build_tiny_generator(arch: str = "unet3d", vae: str = "pixel", num_frames: i
                 norm_num_groups=4, sample_size=max(height, width)))
         else:
             raise ValueError(f"vae: expected 'pixel' or 'tiny_kl', got {vae!r}")
-        text = HashTextEncoder(dim=16, pooled_dim=8, max_length=text_max_length)
+        text = HashTextEncoder(dim=16, pooled_dim=8, max_length=text_max_length or 16)
         denoiser = tiny_denoiser(arch, codec.latent_channels)
     finally:
         torch.random.set_rng_state(state)
@@ -480,12 +582,19 @@ def _class_name(directory: str) -> str:
 
 
 def load_generator(path: str, num_frames: int = 8, height: Optional[int] = None, width: Optional[int] = None,
-                   dtype: str = "float32", text_max_length: int = 16) -> VideoGenerator:
+                   dtype: str = "float32", text_max_length: Optional[int] = None) -> VideoGenerator:
     """Load a diffusers-format directory. Layout:
 
         unet/ (UNet3DConditionModel) or transformer/ (HunyuanVideo/Wan transformer), scheduler/,
         vae/ (optional; absent = pixel space), text_encoder/ (+ tokenizer/ for transformers encoders,
-        or our HashTextEncoder config), optional pisces_generator.json {"num_frames", "height", "width"}.
+        or our HashTextEncoder config), text_encoder_2/ + tokenizer_2/ (HunyuanVideo's CLIP),
+        optional pisces_generator.json {"num_frames", "height", "width"}.
+
+    Text conditioning follows the stock pipeline of the layout (`PipelineTextEncoder`, the encoder classes the
+    pipelines load) for UNet3D + CLIPTextModel (TextToVideoSDPipeline), Wan + UMT5 (WanPipeline) and Hunyuan + Llama
+    + CLIP (HunyuanVideoPipeline); any other transformers encoder gets `TransformersTextEncoder`. `text_max_length`
+    None = the family's default (77 / 512 / 256; 16 for other encoders). Flow models always sample with
+    FlowMatchEulerDiscreteScheduler (a UniPC / other flow scheduler config is converted, keeping its shift).
     """
     import diffusers
 
@@ -519,8 +628,16 @@ def load_generator(path: str, num_frames: int = 8, height: Optional[int] = None,
         sched_cls = json.load(fh).get("_class_name")
     if arch == "unet3d":
         scheduler = diffusers.DDIMScheduler.from_pretrained(path, subfolder="scheduler")  # teacher = DDIM, any DDPM-family config
-    else:
-        scheduler = getattr(diffusers, sched_cls or "FlowMatchEulerDiscreteScheduler").from_pretrained(path, subfolder="scheduler")
+    elif sched_cls in (None, "FlowMatchEulerDiscreteScheduler"):
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    else:  # e.g. Wan2.1's UniPCMultistepScheduler(use_flow_sigmas, flow_shift): same flow, Euler / consistency here
+        with open(os.path.join(sched_dir, "scheduler_config.json")) as fh:
+            sc = json.load(fh)
+        if sc.get("prediction_type", "flow_prediction") != "flow_prediction" and not sc.get("use_flow_sigmas"):
+            raise ValueError(f"model path {path}: scheduler/ holds {sched_cls} with prediction_type "
+                             f"{sc.get('prediction_type')!r}; a flow transformer needs a flow-matching scheduler")
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=sc.get("num_train_timesteps", 1000),
+                                                              shift=float(sc.get("flow_shift", sc.get("shift", 1.0)) or 1.0))
     vae_dir = os.path.join(path, "vae")
     if os.path.isdir(vae_dir):
         vcls = _class_name(vae_dir)
@@ -528,29 +645,67 @@ def load_generator(path: str, num_frames: int = 8, height: Optional[int] = None,
         codec: nn.Module = FrameVAECodec(vae) if vcls == "AutoencoderKL" else VideoVAECodec(vae)
     else:
         codec = PixelCodec()
-    te_dir = os.path.join(path, "text_encoder")
-    if not os.path.isdir(te_dir):
-        raise FileNotFoundError(f"model path {path}: missing text_encoder/ subfolder")
-    if _class_name(te_dir) == "HashTextEncoder":
-        text = HashTextEncoder.load(te_dir)
-    else:
-        import transformers
-
-        tok_dir = os.path.join(path, "tokenizer")
-        if not os.path.isdir(tok_dir):
-            raise FileNotFoundError(f"model path {path}: text_encoder/ needs a tokenizer/ subfolder")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
-        # transformers >= 4.56 names the argument `dtype` (and warns on `torch_dtype`); older releases only know `torch_dtype`.
-        dtype_kw = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
-        te = transformers.AutoModel.from_pretrained(te_dir, **{dtype_kw: torch_dtype})
-        if hasattr(te, "get_encoder") and getattr(te.config, "is_encoder_decoder", False):
-            te = te.get_encoder()
-        text = TransformersTextEncoder(te, tokenizer, text_max_length,
-                                       getattr(denoiser.config, "pooled_projection_dim", None))
+    text = _load_text_encoder(path, arch, denoiser, torch_dtype, text_max_length)
     h = height or meta.get("height") or 16
     w = width or meta.get("width") or 16
     frames = meta.get("num_frames", num_frames) if num_frames is None else num_frames
     return VideoGenerator(arch, denoiser, scheduler, codec, text, frames, h, w, torch_dtype)
+
+
+def _text_family(path: str, arch: str) -> Optional[str]:
+    """The stock pipeline whose text conditioning this layout uses, from the text encoder's model_type."""
+    te_cfg = os.path.join(path, "text_encoder", "config.json")
+    with open(te_cfg) as fh:
+        model_type = json.load(fh).get("model_type")
+    if arch == "unet3d" and model_type == "clip_text_model":
+        return "modelscope"
+    if arch == "wan" and model_type in ("umt5", "t5"):
+        return "wan"
+    if arch == "hunyuan" and model_type == "llama":
+        for sub in ("text_encoder_2", "tokenizer_2"):
+            if not os.path.isdir(os.path.join(path, sub)):
+                raise FileNotFoundError(f"model path {path}: HunyuanVideo needs {sub}/ (CLIP: its pooler_output is "
+                                        "the pooled vector)")
+        return "hunyuan"
+    return None
+
+
+def _load_text_encoder(path: str, arch: str, denoiser: nn.Module, torch_dtype, text_max_length: Optional[int]) -> nn.Module:
+    te_dir = os.path.join(path, "text_encoder")
+    if not os.path.isdir(te_dir):
+        raise FileNotFoundError(f"model path {path}: missing text_encoder/ subfolder")
+    if _class_name(te_dir) == "HashTextEncoder":
+        return HashTextEncoder.load(te_dir)
+    import transformers
+
+    tok_dir = os.path.join(path, "tokenizer")
+    if not os.path.isdir(tok_dir):
+        raise FileNotFoundError(f"model path {path}: text_encoder/ needs a tokenizer/ subfolder")
+    # transformers >= 4.56 names the argument `dtype` (and warns on `torch_dtype`); older releases only know `torch_dtype`.
+    dtype_kw = {"dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype": torch_dtype}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    family = _text_family(path, arch)
+    if family == "modelscope":
+        te = transformers.CLIPTextModel.from_pretrained(te_dir, **dtype_kw)
+        return PipelineTextEncoder(family, te.eval(), tokenizer, max_length=text_max_length)
+    if family == "wan":  # the encoder alone, as WanPipeline loads it (never a full UMT5Model with a random decoder)
+        cls = transformers.UMT5EncoderModel if transformers.AutoConfig.from_pretrained(te_dir).model_type == "umt5" \
+            else transformers.T5EncoderModel
+        te = cls.from_pretrained(te_dir, **dtype_kw)
+        return PipelineTextEncoder(family, te.eval(), tokenizer, max_length=text_max_length)
+    if family == "hunyuan":
+        te = transformers.AutoModel.from_pretrained(te_dir, **dtype_kw)
+        te2 = transformers.CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder_2"), **dtype_kw)
+        tok2 = transformers.AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer_2"))
+        pooled_dim = getattr(denoiser.config, "pooled_projection_dim", None)
+        if pooled_dim is not None and te2.config.hidden_size != pooled_dim:
+            raise ValueError(f"model path {path}: text_encoder_2 hidden size {te2.config.hidden_size} != the transformer's "
+                             f"pooled_projection_dim {pooled_dim}")
+        return PipelineTextEncoder(family, te.eval(), tokenizer, te2.eval(), tok2, max_length=text_max_length)
+    te = transformers.AutoModel.from_pretrained(te_dir, **dtype_kw)
+    if hasattr(te, "get_encoder") and getattr(te.config, "is_encoder_decoder", False):
+        te = te.get_encoder()
+    return TransformersTextEncoder(te, tokenizer, text_max_length or 16, getattr(denoiser.config, "pooled_projection_dim", None))
 
 
 def save_generator(gen: VideoGenerator, path: str) -> None:
@@ -562,6 +717,13 @@ def save_generator(gen: VideoGenerator, path: str) -> None:
         gen.codec.vae.save_pretrained(os.path.join(path, "vae"))
     if isinstance(gen.text_encoder, HashTextEncoder):
         gen.text_encoder.save(os.path.join(path, "text_encoder"))
+    elif isinstance(gen.text_encoder, PipelineTextEncoder):
+        te = gen.text_encoder
+        te.text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
+        te.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        if te.text_encoder_2 is not None:
+            te.text_encoder_2.save_pretrained(os.path.join(path, "text_encoder_2"))
+            te.tokenizer_2.save_pretrained(os.path.join(path, "tokenizer_2"))
     else:
         gen.text_encoder.model.save_pretrained(os.path.join(path, "text_encoder"))
         gen.text_encoder.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))

@@ -1,6 +1,6 @@
 """Build the reward callable named in the config: none | toy | pisces | python:module:factory.
 
-`pisces_fast.rewards` is imported lazily (only for kind "pisces") so training works without it.
+Kind "pisces" is built by `pisces_fast.rewards.build` from the `reward:` section (schema: RewardConfig).
 """
 from __future__ import annotations
 
@@ -17,15 +17,10 @@ def build_reward(cfg, device) -> Optional[Callable]:
 
         reward = ToyColorReward(**cfg.kwargs)
     elif kind == "pisces":
-        try:
-            from pisces_fast.rewards import PiscesRewards
-        except ImportError as exc:
-            raise ImportError("reward.kind 'pisces' needs pisces_fast.rewards.PiscesRewards, which failed to import: "
-                              f"{exc}") from exc
-        if cfg.path is not None and hasattr(PiscesRewards, "from_pretrained"):
-            reward = PiscesRewards.from_pretrained(cfg.path, **cfg.kwargs)
-        else:
-            reward = PiscesRewards(**cfg.kwargs)
+        from pisces_fast.rewards.build import build_pisces_rewards, pisces_reward_spec_from_dict
+
+        # Paths were resolved (relative to the YAML) by TrainConfig.validate().
+        reward = build_pisces_rewards(pisces_reward_spec_from_dict(cfg.pisces_section()), device)
     elif kind.startswith("python:"):
         target = kind[len("python:"):]
         module_name, _, attr = target.partition(":")
