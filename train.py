@@ -4,27 +4,47 @@
     python train.py --config configs/tiny_cd.yaml [--key value ...]          # one process
     deepspeed --num_gpus 2 train.py --config configs/tiny_cd.yaml            # DeepSpeed ranks
     deepspeed train.py --config CONFIG.yaml --output_dir runs/x --resume latest
+    python train.py --config configs/recipes/modelscope_pisces_cd.yaml --dry_run [--dry_run_gpus 8]    # memory plan
 
-With no --config, train.py runs the embedded-world job (pisces_fast/training/world_job.py): fit the
+With no --config, train.py runs the embedded-world job (pisces_fast/world/job.py): fit the
 OT map, post-train the shipped generator with PISCES, and report before/after on held-out prompts.
 Overrides use dotted keys (`--optim.lr 1e-5`, `--cd.skip_k 5`); see pisces_fast/training/config.py.
 """
+import os
 import sys
 
-from pisces_fast.training.config import config_from_argv, parse_overrides
+from pisces_fast.training.config import config_from_argv, config_help, parse_overrides
+
+# Bad input (config, data, checkpoint files) and a diverged run end with one line naming the file or field and
+# exit code 2 (PISCES_FAST_TRACEBACK=1 shows the traceback instead); anything else keeps its traceback.
+EXIT_BAD_INPUT = 2
+
+
+def fail(exc: BaseException, hint: str = "") -> None:
+    if os.environ.get("PISCES_FAST_TRACEBACK") == "1":
+        raise exc
+    message = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+    print(f"train.py: {message}{hint}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `--dry_run` is a bare flag (every other option takes a value): build on the meta device, print the memory plan.
+    argv = [a for i, a in enumerate(argv) for a in ((a, "true") if a == "--dry_run" and (
+        i + 1 == len(argv) or argv[i + 1].startswith("--")) else (a,))]
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\n" + config_help())
+        sys.exit(0)
     config_path = None
     try:
         config_path, _ = parse_overrides(argv)
-        defaults = None
         if config_path is None:
-            from pisces_fast.training.world_job import WORLD_DEFAULTS
+            from pisces_fast.world import world_config_from_argv
 
-            defaults = WORLD_DEFAULTS
-        cfg = config_from_argv(argv, defaults=defaults)
+            cfg = world_config_from_argv(argv)
+        else:
+            cfg = config_from_argv(argv)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         hint = ""
         if config_path is None and isinstance(exc, FileNotFoundError):
@@ -32,14 +52,23 @@ def main(argv=None) -> dict:
                     "`python scripts/pretrain_world_vlm.py --out pisces_fast/assets/world/vlm` and "
                     "`python scripts/pretrain_world_generator.py --vlm pisces_fast/assets/world/vlm --out pisces_fast/assets/world/generator`, "
                     "or pass --config for another job)")
-        sys.exit(f"train.py: {exc}{hint}")
-    if cfg.world.enabled:
-        from pisces_fast.training.world_job import run_world_job
+        fail(exc, hint)
+    from pisces_fast.training.checkpoint import CheckpointError
 
-        return run_world_job(cfg)
-    from pisces_fast.training.trainer import train
+    try:
+        if cfg.dry_run:
+            from pisces_fast.training.memory_plan import dry_run
 
-    return train(cfg)
+            return {"memory_plan": dry_run(cfg)}
+        if config_path is None:
+            from pisces_fast.world import run_world_job
+
+            return run_world_job(cfg)
+        from pisces_fast.training.trainer import train
+
+        return train(cfg)
+    except (CheckpointError, ValueError, FileNotFoundError, FloatingPointError) as exc:
+        fail(exc)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """PISCES ablations on the embedded shapes world: the paper's Table 3 rows, GRPO and DF-DPO, Tables 5 and 8.
 
-Every post-training row is the main job (``pisces_fast.training.world_job``, what ``deepspeed train.py``
+Every post-training row is the main job (``pisces_fast.world.job``, what ``deepspeed train.py``
 runs) with one change, repeated over ``--seeds``; each seed sets the training seed *and* the sampling
-seeds of the before/after evaluation, so the spread covers both. Scores are the rule-based analyzer's
-(``pisces_fast.eval.analyzer``) on the same held-out prompts for every row.
+seeds of the evaluation, so the spread covers both. Every row is sampled the same way (``--sampler``, default:
+the consistency sampler at 4 steps, CFG 3, the main job's "after" row; ``vanilla`` is the teacher under that same
+sampler and noise). Scores are the rule-based analyzer's (``pisces_fast.eval.analyzer``) on the same held-out
+prompts for every row; the table gives mean ± the 95% confidence half-width (Student t over seeds) and a paired
+test of full vs. w/o OT (paired t-test and an exact sign-flip permutation test over seeds).
 
 * ``vanilla``: the shipped generator, no post-training (the "before" column of the runs).
 * ``CD only``: consistency distillation, no reward (not a paper row; it separates CD from the rewards).
@@ -17,8 +20,8 @@ Then Table 5 (alignment maps on world VLM embeddings of real train clips) and Ta
 the world VLM's matching head with vanilla, full-OT, partial-OT and spatio-temporal cross-attention, on
 held-out clips against random and attribute-swapped captions).
 
-    python benchmarks/world_ablation.py                      # the README table (2 seeds, ~75 min on 2 cores)
-    python benchmarks/world_ablation.py --quick              # 1 seed, short runs: a smoke test
+    python benchmarks/world_ablation.py                      # the README table (3 seeds, ~2 h on 2 idle cores)
+    python benchmarks/world_ablation.py --quick              # 2 seeds, short runs: a smoke test of the statistics
     python benchmarks/world_ablation.py --rows full "w/o OT" --seeds 0 1
 
 Writes ``<out>/runs.csv`` (one line per row and seed), ``<out>/table.md`` (means ± std over seeds, and the
@@ -43,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 sys.path.insert(0, HERE)
 
-# Each row: overrides of the main job's configuration (pisces_fast.training.world_job.WORLD_DEFAULTS).
+# Each row: overrides of the main job's configuration (pisces_fast.world.WORLD_DEFAULTS).
 ROWS: Dict[str, Optional[dict]] = {
     "vanilla": None,
     # Not a paper row: consistency distillation alone separates what CD does to the generator from
@@ -54,9 +57,10 @@ ROWS: Dict[str, Optional[dict]] = {
     "semantic only": {"reward": {"weights": {"quality": 0.0, "semantic": 1.0}}},
     "full": {},
     "GRPO": {"mode": "grpo", "reward": {"fusion": "group"}, "data": {"batch_size": 2},
+             "cd": {"guidance_conditioning": False},
              "grpo": {"group_size": 4, "num_sampling_steps": 8, "guidance_scale": 3.0, "eta": 1.0,
                       "timestep_fraction": 0.5, "cd_weight": 0.0}},
-    "DF-DPO": {"mode": "dpo", "reward": {"kind": "none"}},
+    "DF-DPO": {"mode": "dpo", "reward": {"kind": "none"}, "cd": {"guidance_conditioning": False}},
 }
 SCORES = ("total", "quality", "semantic")
 
@@ -67,21 +71,32 @@ def slug(name: str) -> str:
 
 def row_config(name: str, seed: int, args, out_dir: str):
     from pisces_fast.training.config import _merge, load_config
-    from pisces_fast.training.world_job import WORLD_DEFAULTS
+    from pisces_fast.world import WORLD_DEFAULTS, WorldTrainConfig
 
+    row = sampler_row(args.sampler)
     overrides = {
         "output_dir": out_dir, "seed": seed, "max_steps": args.max_steps, "checkpoint_every": 0,
         "export_lora": False,
-        "world": {"enabled": True, "eval_prompts": args.eval_prompts, "eval_seeds": [2 * seed, 2 * seed + 1]},
+        "world": {"eval_prompts": args.eval_prompts, "eval_seeds": [2 * seed, 2 * seed + 1],
+                  "teacher_grid": [row], "student_grid": [row], "student_row": row},
     }
     overrides = _merge(overrides, ROWS[name] or {})
     if name == "GRPO" and args.grpo_steps:
         overrides["max_steps"] = args.grpo_steps
-    return load_config(None, overrides, WORLD_DEFAULTS)
+    return load_config(None, overrides, WORLD_DEFAULTS, WorldTrainConfig)
+
+
+def sampler_row(text: str) -> dict:
+    """"consistency:4:3" -> {"sampler": "consistency", "steps": 4, "guidance": 3.0}."""
+    try:
+        sampler, steps, guidance = text.split(":")
+        return {"sampler": sampler, "steps": int(steps), "guidance": float(guidance)}
+    except ValueError:
+        raise SystemExit(f"--sampler: expected SAMPLER:STEPS:GUIDANCE (e.g. consistency:4:3), got {text!r}") from None
 
 
 def run_row(name: str, seed: int, args) -> dict:
-    from pisces_fast.training.world_job import fit_world_ot_map, run_world_job
+    from pisces_fast.world.job import fit_world_ot_map, run_world_job
 
     out_dir = os.path.join(args.out, "runs", slug(name), f"seed{seed}")
     report = os.path.join(out_dir, "report.json")
@@ -104,12 +119,49 @@ def run_row(name: str, seed: int, args) -> dict:
         return json.load(fh)
 
 
-def mean_std(values: List[float]) -> str:
-    m = sum(values) / len(values)
+def mean_ci(values: List[float], level: float = 0.95) -> tuple:
+    """(mean, half-width of the Student-t confidence interval over seeds); half-width NaN with one seed."""
+    from scipy.stats import t as student_t
+
+    values = np.asarray(values, dtype=np.float64)
+    m = float(values.mean())
     if len(values) < 2:
-        return f"{m:.3f}"
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.3f} ± {s:.3f}"
+        return m, float("nan")
+    sem = float(values.std(ddof=1)) / math.sqrt(len(values))
+    return m, float(student_t.ppf(0.5 + level / 2, len(values) - 1)) * sem
+
+
+def mean_std(values: List[float]) -> str:
+    m, h = mean_ci(values)
+    return f"{m:.3f}" if h != h else f"{m:.3f} ± {h:.3f}"
+
+
+def paired_test(a: List[float], b: List[float]) -> dict:
+    """a vs b paired over seeds: mean difference, paired t-test p (two-sided) and the exact sign-flip permutation p."""
+    import itertools
+
+    from scipy.stats import ttest_rel
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    out = {"n": len(d), "mean_diff": float(d.mean()), "t_p": float("nan"), "perm_p": float("nan")}
+    if len(d) >= 2:
+        out["t_p"] = float(ttest_rel(a, b).pvalue) if np.ptp(d) > 0 else (0.0 if d.mean() != 0 else 1.0)
+        observed = abs(d.mean())
+        flips = [abs((d * np.array(signs)).mean()) for signs in itertools.product((1, -1), repeat=len(d))]
+        out["perm_p"] = float(np.mean([f >= observed - 1e-12 for f in flips]))
+    return out
+
+
+def paired_table(results: Dict[str, Dict[int, dict]], a: str, b: str) -> str:
+    if a not in results or b not in results:
+        return ""
+    seeds = sorted(set(results[a]) & set(results[b]))
+    lines = [f"Paired over seeds {seeds}: {a} − {b}", "", "| score | mean diff | paired t p | sign-flip p |",
+             "|---|---|---|---|"]
+    for k in SCORES:
+        t = paired_test([results[a][s]["after"][k] for s in seeds], [results[b][s]["after"][k] for s in seeds])
+        lines.append(f"| {k} | {t['mean_diff']:+.4f} | {t['t_p']:.3f} | {t['perm_p']:.3f} |")
+    return "\n".join(lines)
 
 
 def post_training_table(results: Dict[str, Dict[int, dict]], dims: List[str]) -> str:
@@ -151,7 +203,7 @@ def analyses(args) -> str:
 
     from pisces_fast.data import shapes as S
     from pisces_fast.rewards import collect_embeddings
-    from pisces_fast.rewards.world_vlm import load_world_vlm
+    from pisces_fast.world import load_world_vlm
 
     backbone = load_world_vlm(args.vlm)
     train = S.make_clips(args.table5_clips, split="train", seed=77)
@@ -178,7 +230,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/world_ablation")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--sampler", default="consistency:4:3", help="SAMPLER:STEPS:GUIDANCE every row is evaluated with")
     p.add_argument("--max_steps", type=int, default=120, help="post-training steps per run (the main job's default)")
     p.add_argument("--grpo_steps", type=int, default=16, help="GRPO steps (each samples a group of full trajectories)")
     p.add_argument("--eval_prompts", type=int, default=8)
@@ -187,12 +240,12 @@ def main(argv=None) -> int:
     p.add_argument("--table5_steps", type=int, default=500)
     p.add_argument("--table8_clips", type=int, default=512)
     p.add_argument("--skip_analyses", action="store_true")
-    p.add_argument("--quick", action="store_true", help="1 seed, 10 steps, 4 prompts, small analyses")
+    p.add_argument("--quick", action="store_true", help="2 seeds, 4 steps, 2 prompts, small analyses")
     p.add_argument("--overwrite", action="store_true", help="rerun rows whose report already exists, and the analyses")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.max_steps, args.grpo_steps, args.eval_prompts = args.seeds[:1], 10, 4, 4
+        args.seeds, args.max_steps, args.grpo_steps, args.eval_prompts = args.seeds[:2], 4, 2, 2
         args.table5_clips, args.table5_steps, args.table8_clips = 256, 50, 64
     os.makedirs(args.out, exist_ok=True)
 
@@ -223,9 +276,12 @@ def main(argv=None) -> int:
         f"`python benchmarks/world_ablation.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"),
         "",
         f"Seeds {args.seeds} (training seed s, evaluation sampling seeds 2s and 2s+1); {args.eval_prompts} held-out prompts; "
-        f"{args.max_steps} post-training steps (GRPO: {args.grpo_steps}); analyzer scores, mean ± std over seeds.",
+        f"{args.max_steps} post-training steps (GRPO: {args.grpo_steps}); every row sampled with {args.sampler} "
+        f"(sampler:steps:CFG); analyzer scores, mean ± 95% CI half-width (Student t over seeds).",
         "",
         table,
+        "",
+        paired_table(results, "full", "w/o OT"),
     ]
     if not args.skip_analyses:
         # Cached like the runs: the analyses depend on the VLM and their own arguments only.

@@ -25,6 +25,14 @@ vanilla and partial-OT attention) of the right clip vs a wrong clip (a clip of t
 
     python scripts/pretrain_world_vlm.py --out pisces_fast/assets/world/vlm
 
+A temporal variant (not shipped: 70 fine-tuning steps did not lift direction or relation above chance, see the
+README) starts from the shipped model with a finer time axis and counterfactual clips as VTM video negatives --
+the same scene with its direction or relation swapped (``counterfactual_spec``), which a per-patch feature cannot
+tell apart -- keeping the text tower the shipped generator conditions on fixed:
+
+    python scripts/pretrain_world_vlm.py --init_from pisces_fast/assets/world/vlm --freeze_text_tower \
+        --tubelet_size 2 --counterfactual_prob 0.5 --steps 70 --batch_size 32 --lr 5e-4 --warmup 15 --out DIR
+
 writes ``config.json`` + ``model.safetensors`` + tokenizer files (``InternVideo2Backbone.from_pretrained``
 reads them) and ``training_summary.json`` into ``--out``, and curves/metrics into ``--report_dir``.
 Training is resumable: ``--resume`` continues from ``<report_dir>/checkpoint`` (written atomically every
@@ -48,7 +56,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pisces_fast.data import shapes as S
-from pisces_fast.rewards.backbones.internvideo2 import InternVideo2, InternVideo2Backbone, InternVideo2Config
+from pisces_fast.rewards.backbones.internvideo2 import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    InternVideo2,
+    InternVideo2Backbone,
+    InternVideo2Config,
+    interpolate_pos_embed,
+)
 from pisces_fast.rewards.backbones.preprocess import prepare_video
 from pisces_fast.rewards.tokenizer import build_word_tokenizer
 
@@ -81,7 +96,18 @@ def parse_args(argv=None):
     p.add_argument("--embed_dim", type=int, default=64)
     p.add_argument("--patch_size", type=int, default=8)
     p.add_argument("--tubelet_size", type=int, default=4,
-                   help="frames per token (4: 2x4x4 tokens + [CLS] = 33; a token sees ~3 px of motion, so direction is local)")
+                   help="frames per token (4, the shipped model: 2x4x4 tokens + [CLS] = 33; 2: 4x4x4 + [CLS] = 65, four "
+                        "temporal positions instead of two)")
+    p.add_argument("--counterfactual_prob", type=float, default=0.0,
+                   help="share of VTM video negatives that are the clip's counterfactual (its direction or relation "
+                        "swapped, rendered with the same layout seed) instead of an in-batch clip; 0 (the shipped "
+                        "model) renders no counterfactuals")
+    p.add_argument("--init_from", default=None,
+                   help="start from a saved world VLM (e.g. one with tubelet 4): same widths/depths; a longer tubelet's "
+                        "patch kernel is folded onto the shorter one and the position embedding resampled in time")
+    p.add_argument("--freeze_text_tower", action="store_true",
+                   help="with --init_from: keep the text-only layers (embeddings + the layers before fusion) fixed, so "
+                        "the shipped generator, which conditions on a copy of them, still matches the VLM exactly")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from <report_dir>/checkpoint")
@@ -109,45 +135,74 @@ def reverse_spec(spec: S.SceneSpec) -> S.SceneSpec:
     return S.SceneSpec(tuple(replace(o, motion=_REVERSE.get(o.motion, o.motion)) for o in spec.objects), spec.relations)
 
 
-def augment(video: torch.Tensor, spec: S.SceneSpec, flip: bool, reverse: bool):
-    """Apply the chosen augmentations to one clip ``(T, 3, H, W)``; skip any that would leave the train split."""
-    if flip:
-        new = flip_spec(spec)
-        if S.split_of(new) == "train":
-            video, spec = video.flip(-1), new
-    if reverse:
-        new = reverse_spec(spec)
-        if S.split_of(new) == "train":
-            video, spec = video.flip(0), new
-    return video, spec
+def augment(video: torch.Tensor, spec: S.SceneSpec, flip: bool, reverse: bool, cf_video=None, cf_spec=None):
+    """Apply the chosen augmentations to one clip ``(T, 3, H, W)`` and, alike, to its counterfactual; skip any
+    that would leave the train split for either. Returns ``(video, spec, cf_video, cf_spec)``."""
+    for chosen, spec_fn, dim in ((flip, flip_spec, -1), (reverse, reverse_spec, 0)):
+        if not chosen:
+            continue
+        new = spec_fn(spec)
+        new_cf = spec_fn(cf_spec) if cf_spec is not None else None
+        if S.split_of(new) == "train" and (new_cf is None or S.split_of(new_cf) == "train"):
+            video, spec = video.flip(dim), new
+            if new_cf is not None:
+                cf_video, cf_spec = cf_video.flip(dim), new_cf
+    return video, spec, cf_video, cf_spec
 
 
-def render_pool(n: int, split: str, seed: int, chunk: int = 256, progress: bool = True):
-    """``n`` clips of ``split`` as uint8 ``(n, T, 3, H, W)`` (4x less memory than float) with their specs."""
-    videos, specs = [], []
+def counterfactual_spec(spec: S.SceneSpec, rng: np.random.Generator) -> S.SceneSpec | None:
+    """The clip's spec with its motion direction or its spatial relation swapped (train split only), or None.
+
+    Rendered with the clip's own layout seed, the counterfactual shares its background, colours and sizes: the
+    pair differs in *where things go or sit*, the two kinds a per-patch feature cannot tell apart."""
+    options = [n for n in S.hard_negatives(spec, rng, kinds=("direction", "relation")) if S.split_of(n.spec) == "train"]
+    if not options:
+        return None
+    return options[int(rng.integers(len(options)))].spec
+
+
+def render_pool(n: int, split: str, seed: int, chunk: int = 256, progress: bool = True, counterfactuals: bool = True):
+    """``n`` clips of ``split`` as uint8 ``(n, T, 3, H, W)`` (4x less memory than float) with their specs, and
+    for each its counterfactual clip (``counterfactual_spec``; a zero clip and ``None`` where there is none)."""
+    videos, specs, cf_videos, cf_specs = [], [], [], []
     for start in tqdm(range(0, n, chunk), desc=f"render {split} clips", disable=not progress):
         batch = S.make_clips(min(chunk, n - start), split=split, seed=seed, start=start)
         videos.append((batch.videos * 255).round().to(torch.uint8))
         specs.extend(batch.specs)
-    return torch.cat(videos), specs
+        rng = np.random.default_rng([seed, 404, start])
+        cf = [counterfactual_spec(spec, rng) if counterfactuals else None for spec in batch.specs]
+        cf_video = torch.zeros_like(videos[-1])
+        have = [k for k, c in enumerate(cf) if c is not None]
+        if have:
+            rendered = S.make_clips(specs=[cf[k] for k in have], split=split, seed=seed,
+                                    indices=[batch.indices[k] for k in have]).videos
+            cf_video[torch.tensor(have)] = (rendered * 255).round().to(torch.uint8)
+        cf_videos.append(cf_video)
+        cf_specs.extend(cf)
+    return torch.cat(videos), specs, torch.cat(cf_videos), cf_specs
 
 
 def step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, 101, step])
 
 
-def make_batch(pool_videos, pool_specs, batch_size: int, rng: np.random.Generator):
-    """A batch of (clip, caption, attribute-swapped caption), all drawn from ``rng``."""
+def make_batch(pool, batch_size: int, rng: np.random.Generator):
+    """A batch of (clip, caption, attribute-swapped caption, counterfactual clip or None), all drawn from ``rng``."""
+    pool_videos, pool_specs, cf_videos, cf_specs = pool
     idx = rng.choice(len(pool_specs), size=batch_size, replace=False)
-    videos, captions, negatives = [], [], []
+    videos, captions, negatives, counterfactuals, cf_captions = [], [], [], [], []
     for i in idx:
-        video, spec = augment(pool_videos[i].float() / 255.0, pool_specs[i], rng.random() < 0.5, rng.random() < 0.5)
+        cf = cf_videos[i].float() / 255.0 if cf_specs[i] is not None else None
+        video, spec, cf, cf_spec = augment(pool_videos[i].float() / 255.0, pool_specs[i], rng.random() < 0.5,
+                                           rng.random() < 0.5, cf, cf_specs[i])
         options = S.hard_negatives(spec, rng)  # default forbids held-out color-shape pairs even in negatives
         weights = np.array([NEGATIVE_WEIGHTS[o.kind] for o in options], dtype=np.float64)
         videos.append(video)
         captions.append(S.caption_of(spec))
         negatives.append(options[int(rng.choice(len(options), p=weights / weights.sum()))].caption)
-    return torch.stack(videos), captions, negatives
+        counterfactuals.append(cf)
+        cf_captions.append(S.caption_of(cf_spec) if cf_spec is not None else None)
+    return torch.stack(videos), captions, negatives, counterfactuals, cf_captions
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -165,6 +220,38 @@ def build_model(args, vocab_size: int) -> InternVideo2:
     return InternVideo2(cfg)
 
 
+def init_from_saved(model: InternVideo2, directory: str) -> None:
+    """Load a saved world VLM into ``model`` whose tubelet may be shorter.
+
+    The patch kernel ``W`` over ``t_old`` frames becomes ``W'_j = sum_{k = j mod t_new} W_k`` over ``t_new``
+    frames, so on a static clip every new token equals the old token (the old model's features are kept while
+    time gets finer); the temporal position embedding is resampled linearly (``interpolate_pos_embed``).
+    """
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, CONFIG_NAME)) as fh:
+        old_cfg = InternVideo2Config.from_dict({k: v for k, v in json.load(fh).items() if k != "kind"})
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    t_old, t_new = old_cfg.tubelet_size, model.config.tubelet_size
+    if t_old % t_new:
+        raise ValueError(f"--init_from {directory}: tubelet {t_old} cannot be folded onto tubelet {t_new}")
+    key = "vision_encoder.patch_embed.proj.weight"
+    if key not in state:
+        raise ValueError(f"--init_from {directory}: no {key} in the checkpoint")
+    w = state[key]
+    state[key] = torch.stack([w[:, :, j::t_new].sum(2) for j in range(t_new)], dim=2)
+    pos = "vision_encoder.pos_embed"
+    state[pos] = interpolate_pos_embed(state[pos], old_cfg.grid, model.config.grid)
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"--init_from {directory}: incompatible tensors {bad[:5]} (widths/depths must match)")
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(f"--init_from {directory}: the checkpoint lacks {missing[:5]}")
+    model.load_state_dict(state)
+
+
 def pixels_of(model: InternVideo2, videos: torch.Tensor) -> torch.Tensor:
     """The reward path's preprocessing (``InternVideo2Backbone.encode_video``), so training sees what rewards see."""
     cfg = model.config
@@ -172,54 +259,78 @@ def pixels_of(model: InternVideo2, videos: torch.Tensor) -> torch.Tensor:
     return pixels
 
 
-def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.random.Generator):
-    """VTC (with swapped captions as extra video->text negatives) + class-balanced VTM; see the module docstring."""
+def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.random.Generator,
+           counterfactuals=None, cf_captions=None, counterfactual_prob: float = 0.5):
+    """VTC (with swapped captions and counterfactual clips as extra negatives) + class-balanced VTM; see the
+    module docstring. ``counterfactuals[i]`` is clip ``i`` with its direction or relation swapped (or None)."""
     b = len(captions)
-    texts = captions + negatives
+    counterfactuals = counterfactuals or [None] * b
+    cf_captions = cf_captions or [None] * b
+    cf_of = [i for i in range(b) if counterfactuals[i] is not None]  # clips that have a counterfactual
+    video_caps = captions + [cf_captions[i] for i in cf_of]
+    texts = captions + negatives + [cf_captions[i] for i in cf_of]
+    all_videos = torch.cat([videos, torch.stack([counterfactuals[i] for i in cf_of])]) if cf_of else videos
     enc = tokenizer(texts, padding="longest", truncation=True, max_length=MAX_TEXT_LEN, return_tensors="pt")
     with torch.no_grad():
         model.temp.clamp_(0.01, 0.5)
     hidden, mask = model.encode_text(enc["input_ids"], enc["attention_mask"])
-    tokens, pooled, _, grid = model.encode_vision(pixels_of(model, videos))
+    tokens, pooled, _, grid = model.encode_vision(pixels_of(model, all_videos))
     frame_idx, coords = model.video_positions(grid, tokens.device)
     v = F.normalize(model.vision_proj(pooled), dim=-1)
     t = F.normalize(model.text_proj(hidden[:, 0]), dim=-1)
-    sim = v @ t.T / model.temp  # (b, 2b)
+    sim = v @ t.T / model.temp  # (videos, texts)
     # Several clips of a batch can share a caption, and a swapped caption can be another clip's caption.
-    same = torch.tensor([[texts[j] == captions[i] for j in range(2 * b)] for i in range(b)])
+    same = torch.tensor([[tj == vc for tj in texts] for vc in video_caps])
     targets = same.float() / same.float().sum(1, keepdim=True)
     loss_v2t = -(F.log_softmax(sim, dim=1) * targets).sum(1).mean()
-    same_t2v = same[:, :b].T
+    # The clips' own captions (and their counterfactuals' captions) are contrasted over every clip.
+    has_video = torch.ones(len(texts), dtype=torch.bool)
+    has_video[b:2 * b] = False
+    same_t2v = same[:, has_video].T
     targets_t2v = same_t2v.float() / same_t2v.float().sum(1, keepdim=True)
-    loss_t2v = -(F.log_softmax(sim[:, :b].T, dim=1) * targets_t2v).sum(1).mean()
+    loss_t2v = -(F.log_softmax(sim[:, has_video].T, dim=1) * targets_t2v).sum(1).mean()
     loss_vtc = 0.5 * (loss_v2t + loss_t2v)
 
     with torch.no_grad():  # in-batch hard negatives, sampled by similarity (numpy RNG: resumable)
-        not_pos = ~same[:, :b]
-        w_t2v = (F.softmax(sim[:, :b].T.float(), dim=1) * not_pos.T + not_pos.T * 1e-8).numpy().astype(np.float64)
-        w_v2t = (F.softmax(sim[:, :b].float(), dim=1) * not_pos + not_pos * 1e-8).numpy().astype(np.float64)
+        not_pos = ~same[:b, :b]
+        w_t2v = (F.softmax(sim[:b, :b].T.float(), dim=1) * not_pos.T + not_pos.T * 1e-8).numpy().astype(np.float64)
+        w_v2t = (F.softmax(sim[:b, :b].float(), dim=1) * not_pos + not_pos * 1e-8).numpy().astype(np.float64)
         video_neg = [int(rng.choice(b, p=w / w.sum())) for w in w_t2v]
         text_neg = [int(rng.choice(b, p=w / w.sum())) for w in w_v2t]
         # Each clip's negative caption is its attribute-swapped caption (the binding signal) or, for the
-        # other half of the clips, an in-batch caption (the coarse signal); 3 pairs per clip keep the fusion
-        # layers' cost (they project every pair's video tokens) at InternVideo2's 3B.
+        # other half of the clips, an in-batch caption (the coarse signal); its negative clip is its
+        # counterfactual (same scene, direction or relation swapped) or an in-batch clip sampled by similarity.
         use_swap = torch.from_numpy(rng.random(b) < 0.5)
+        use_cf = rng.random(b) < counterfactual_prob if counterfactual_prob > 0 else np.zeros(b, bool)
+    cf_row = {i: b + k for k, i in enumerate(cf_of)}  # row of clip i's counterfactual in all_videos / texts
+    video_neg = [cf_row[i] if (i in cf_row and use_cf[i]) else video_neg[i] for i in range(b)]
+    used_cf = [i for i in range(b) if i in cf_row and use_cf[i]]
     ar = torch.arange(b)
     text_neg_idx = torch.where(use_swap, ar + b, torch.tensor(text_neg))
-    text_idx = torch.cat([ar, ar, text_neg_idx])
-    video_idx = torch.cat([ar, torch.tensor(video_neg), ar])
+    # The counterfactuals used as negatives are also shown with their own captions (positives), so "swapped
+    # scene" is never a shortcut for "mismatch".
+    cf_pos = torch.tensor([b + cf_row[i] for i in used_cf], dtype=torch.long)  # text index == b + video row
+    cf_vid = torch.tensor([cf_row[i] for i in used_cf], dtype=torch.long)
+    text_idx = torch.cat([ar, cf_pos, ar, text_neg_idx])
+    video_idx = torch.cat([ar, cf_vid, torch.tensor(video_neg), ar])
     logits = model.vtm_logits(hidden[text_idx], mask[text_idx], tokens[video_idx], None, frame_idx, coords)
-    labels = torch.zeros(3 * b, dtype=torch.long)
-    labels[:b] = 1
-    loss_vtm = F.cross_entropy(logits.float(), labels, weight=torch.tensor([1.0, 2.0]))  # 1 positive : 2 negatives
+    n_pos = b + len(used_cf)
+    labels = torch.zeros(len(text_idx), dtype=torch.long)
+    labels[:n_pos] = 1
+    n_neg = len(text_idx) - n_pos
+    weight = torch.tensor([len(text_idx) / (2 * n_neg), len(text_idx) / (2 * n_pos)])  # class-balanced
+    loss_vtm = F.cross_entropy(logits.float(), labels, weight=weight)
     acc = (logits.argmax(-1) == labels).float()
-    swap_acc = acc[2 * b:][use_swap]
+    swap_acc = acc[n_pos + b:][use_swap]
+    cf_acc = acc[n_pos:n_pos + b][torch.from_numpy(np.isin(np.arange(b), used_cf))]
+    nan = torch.tensor(float("nan"))
     return {
         "loss": loss_vtc + loss_vtm,
         "loss_vtc": loss_vtc.detach(),
         "loss_vtm": loss_vtm.detach(),
         "vtm_acc_pos": acc[:b].mean().detach(),
-        "vtm_acc_swap": swap_acc.mean().detach() if len(swap_acc) else torch.tensor(float("nan")),
+        "vtm_acc_swap": swap_acc.mean().detach() if len(swap_acc) else nan,
+        "vtm_acc_counterfactual": cf_acc.mean().detach() if len(cf_acc) else nan,
         "temp": model.temp.detach().clone(),
     }
 
@@ -412,8 +523,8 @@ def plot_history(history: list, path: str):
         axes[0].plot(steps, [h[key] for h in history], label=key)
     axes[0].set_title("losses")
     axes[0].legend()
-    for key in ("vtm_acc_pos", "vtm_acc_swap"):
-        axes[1].plot(steps, [h[key] for h in history], label=key)
+    for key in ("vtm_acc_pos", "vtm_acc_swap", "vtm_acc_counterfactual"):
+        axes[1].plot(steps, [h.get(key, float("nan")) for h in history], label=key)
     axes[1].set_title("train VTM accuracy (running)")
     axes[1].legend()
     axes[2].plot(steps, [h["temp"] for h in history])
@@ -434,8 +545,19 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tokenizer = build_word_tokenizer(S.VOCAB, max_length=MAX_TEXT_LEN)
     model = build_model(args, len(tokenizer))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos_embed" not in n)]
+    if args.init_from:
+        init_from_saved(model, args.init_from)
+        print(f"initialised from {args.init_from}", flush=True)
+    if args.freeze_text_tower:
+        if not args.init_from:
+            raise ValueError("--freeze_text_tower needs --init_from (a random text tower would stay random)")
+        n_text = model.config.fusion_start
+        for name, param in model.text_encoder.named_parameters():
+            if name.startswith("embeddings.") or (name.startswith("encoder.layer.") and int(name.split(".")[2]) < n_text):
+                param.requires_grad_(False)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "pos_embed" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.98),
@@ -450,7 +572,8 @@ def main(argv=None):
         print(f"resumed at step {step}", flush=True)
 
     t0 = time.time()
-    pool_videos, pool_specs = render_pool(args.pool_size, "train", args.seed, progress=progress)
+    pool = render_pool(args.pool_size, "train", args.seed, progress=progress,
+                       counterfactuals=args.counterfactual_prob > 0)
     render_time = time.time() - t0
     model.train()
     running: dict = {}
@@ -458,22 +581,24 @@ def main(argv=None):
     t_start = time.time() - elapsed
     while step < args.steps:
         rng = step_rng(args.seed, step)
-        videos, captions, negatives = make_batch(pool_videos, pool_specs, args.batch_size, rng)
+        videos, captions, negatives, counterfactuals, cf_captions = make_batch(pool, args.batch_size, rng)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        out = losses(model, tokenizer, videos, captions, negatives, rng)
+        out = losses(model, tokenizer, videos, captions, negatives, rng, counterfactuals, cf_captions,
+                     args.counterfactual_prob)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        for k in ("loss_vtc", "loss_vtm", "vtm_acc_pos", "vtm_acc_swap", "temp"):
+        for k in ("loss_vtc", "loss_vtm", "vtm_acc_pos", "vtm_acc_swap", "vtm_acc_counterfactual", "temp"):
             if not math.isnan(float(out[k])):
                 running[k] = 0.9 * running.get(k, float(out[k])) + 0.1 * float(out[k])
         if step % 10 == 0 or step == args.steps:
             history.append({"step": step, **{k: round(v, 5) for k, v in running.items()}})
             bar.set_postfix(vtc=f"{running['loss_vtc']:.3f}", vtm=f"{running['loss_vtm']:.3f}",
-                            swap_acc=f"{running['vtm_acc_swap']:.2f}")
+                            swap_acc=f"{running['vtm_acc_swap']:.2f}",
+                            cf_acc=f"{running.get('vtm_acc_counterfactual', float('nan')):.2f}")
         bar.update(1)
         if step % args.save_every == 0 and step < args.steps:
             save_state(ckpt_dir, model, optimizer, step, history, time.time() - t_start)

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from pisces_fast.data import shapes as S  # noqa: E402
 from pisces_fast.eval import analyzer as A  # noqa: E402
-from pisces_fast.eval import corruptions as C  # noqa: E402
+from pisces_fast.training import distortions as C  # noqa: E402
 
 
 def text_strip(text: str, width: int, height: int, fontsize: float = 7.0) -> np.ndarray:

@@ -19,12 +19,7 @@ from pisces_fast.eval.alignment import (
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "alignment_table.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
 
 def angles(*degrees):

@@ -8,7 +8,7 @@ import torch
 
 from pisces_fast.data import shapes as S
 from pisces_fast.eval import analyzer as A
-from pisces_fast.eval import corruptions as C
+from pisces_fast.training import distortions as C
 
 N_CLIPS = 24
 
@@ -287,9 +287,13 @@ def test_bad_config_is_refused():
 
 def test_corruption_input_errors():
     with pytest.raises(ValueError, match="sigma"):
-        C.gaussian_blur(torch.zeros(8, 3, 16, 16), sigma=0)
+        C.gaussian_blur(torch.zeros(8, 3, 16, 16), sigma=-1.0)
+    assert torch.equal(C.gaussian_blur(torch.ones(8, 3, 16, 16), sigma=0), torch.ones(8, 3, 16, 16))
     with pytest.raises(ValueError, match="videos must have shape"):
         C.shuffle_frames(torch.zeros(3, 16, 16))
     clip = torch.rand(8, 3, 16, 16)
     assert C.reverse_time(clip).shape == clip.shape
     assert not torch.equal(C.shuffle_frames(clip, seed=1), clip)
+    # one set of corruptions: DF-DPO's operators are the same functions
+    assert torch.equal(C.apply_distortion(clip[None], "reverse"), C.reverse_time(clip)[None])
+    torch.testing.assert_close(C.apply_distortion(clip[None], "blur", 1.0), C.gaussian_blur(clip, 1.5)[None])

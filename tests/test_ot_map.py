@@ -18,14 +18,7 @@ from pisces_fast.rewards.ot_map import OTMap, fit_ot_map, gaussian_ot_map, l2_uv
 UVP_THRESHOLD = 5.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny MLPs are latency-bound: a second intra-op thread only adds sync cost (10x on a busy
-    2-core machine). Restored afterwards so other test files are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
 
 def random_cov(d, g):

@@ -18,6 +18,7 @@ from pisces_fast.rewards import (
     gradient_cosine,
     group_ids_from_prompts,
     group_normalize,
+    grpo_advantages,
     quality_reward,
     reward_diagnostics,
     semantic_reward,
@@ -29,12 +30,7 @@ PROMPTS = ["a red circle moving left", "a blue square moving up"]
 POT = POTConfig(backend="reference")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -136,31 +132,54 @@ def test_pisces_rewards_bad_inputs(backbone):
 def test_equal_fusion():
     r = {"quality": torch.tensor([0.5, 0.7]), "semantic": torch.tensor([0.9, 0.1])}
     torch.testing.assert_close(fuse_rewards(r), torch.tensor([1.4, 0.8]))
-    torch.testing.assert_close(fuse_rewards(r, weights={"semantic": 2.0}), torch.tensor([2.3, 0.9]))
+    torch.testing.assert_close(fuse_rewards(r, {"quality": 1.0, "semantic": 2.0}), torch.tensor([2.3, 0.9]))
+    # weights name exactly the fused rewards: a reward left out (or with weight 0) does not count
+    torch.testing.assert_close(fuse_rewards(r, {"semantic": 2.0}), torch.tensor([1.8, 0.2]))
+    torch.testing.assert_close(fuse_rewards(r, {"quality": 0.0, "semantic": 1.0}), torch.tensor([0.9, 0.1]))
 
 
-def test_group_relative_fusion_hand_checked():
+def test_group_fusion_hand_checked():
     prompts = ["cat", "cat", "cat", "dog", "dog", "fish"]
     ids = group_ids_from_prompts(prompts)
     assert ids.tolist() == [0, 0, 0, 1, 1, 2]
     r = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0, 4.0])
     std0 = (2.0 / 3.0) ** 0.5  # population std of (1, 2, 3)
-    expected = torch.tensor([-1 / std0, 0.0, 1 / std0, -1.0, 1.0, 0.0])
+    expected = torch.tensor([-1 / std0, 0.0, 1 / std0, -1.0, 1.0, 0.0])  # "fish" alone: 0
     torch.testing.assert_close(group_normalize(r, ids, eps=1e-12), expected)
-    both = fuse_rewards({"quality": r, "semantic": 2 * r}, mode="group_relative", prompts=prompts, eps=1e-12)
-    torch.testing.assert_close(both, 2 * expected)  # each reward normalised on its own, then summed
-    with pytest.raises(ValueError, match="exactly one of group_ids or prompts"):
-        fuse_rewards({"quality": r}, mode="group_relative")
+    both = fuse_rewards({"quality": r, "semantic": 2 * r}, {"quality": 1.0, "semantic": 0.5}, "group", ids, eps=1e-12)
+    torch.testing.assert_close(both, 1.5 * expected)  # each reward normalised on its own, then weighted and summed
+    with pytest.raises(ValueError, match="needs group_ids"):
+        fuse_rewards({"quality": r}, None, "group")
 
 
-def test_group_relative_gradient_needs_detached_stats():
-    r = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
-    ids = torch.zeros(3, dtype=torch.long)
+def test_group_statistics_are_detached_and_lone_samples_get_no_gradient():
+    r = torch.tensor([1.0, 2.0, 4.0, 3.0], requires_grad=True)
+    ids = torch.tensor([0, 0, 0, 1])
     (g_detached,) = torch.autograd.grad(group_normalize(r, ids).sum(), r)
     (g_full,) = torch.autograd.grad(group_normalize(r, ids, detach_stats=False).sum(), r)
-    std = float(r.detach().std(unbiased=False))
-    torch.testing.assert_close(g_detached, torch.full((3,), 1 / (std + 1e-6)))  # ∇r_i / std: adaptive weight
+    std = float(r.detach()[:3].std(unbiased=False))
+    # ∇r_i / std_g: the adaptive weight; the lone sample of group 1 has nothing to compare with (0, not 1/eps)
+    torch.testing.assert_close(g_detached, torch.tensor([1 / (std + 1e-6)] * 3 + [0.0]))
     assert g_full.abs().max() < 1e-5  # normalised rewards sum to 0: nothing to learn from
+
+
+def test_grpo_advantages_normalise_once():
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    q = torch.tensor([0.2, 0.4, 0.9, 0.1, 0.1, 0.7], dtype=torch.float64)
+    s = torch.tensor([0.5, 0.3, 0.1, 0.9, 0.6, 0.3], dtype=torch.float64)
+    w = {"quality": 1.0, "semantic": 2.0}
+
+    def norm(x):  # by hand: population std per prompt group of 3
+        g = x.view(2, 3)
+        return ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + 1e-6)).reshape(-1)
+
+    adv, fused = grpo_advantages({"quality": q, "semantic": s}, w, "group", ids)
+    torch.testing.assert_close(adv, norm(q) + 2 * norm(s))  # the group fusion IS the advantage: no second pass
+    torch.testing.assert_close(fused, adv)
+    assert not torch.allclose(adv, norm(adv))  # a second normalisation would have changed it
+    adv_eq, fused_eq = grpo_advantages({"quality": q, "semantic": s}, w, "equal", ids, clip=1.0)
+    torch.testing.assert_close(fused_eq, q + 2 * s)
+    torch.testing.assert_close(adv_eq, norm(q + 2 * s).clamp(-1, 1))
 
 
 def test_fusion_bad_inputs():
@@ -168,10 +187,12 @@ def test_fusion_bad_inputs():
         fuse_rewards({"quality": torch.ones(2)}, mode="max")
     with pytest.raises(ValueError, match="same shape"):
         fuse_rewards({"quality": torch.ones(2), "semantic": torch.ones(3)})
-    with pytest.raises(ValueError, match="NaN"):
-        fuse_rewards({"quality": torch.tensor([1.0, float("nan")])})
-    with pytest.raises(ValueError, match="not given"):
-        fuse_rewards({"quality": torch.ones(2)}, weights={"semantic": 1.0})
+    # a non-finite reward propagates (the trainer stops on the non-finite loss, on every rank)
+    assert fuse_rewards({"quality": torch.tensor([1.0, float("nan")])}).isnan().tolist() == [False, True]
+    with pytest.raises(ValueError, match="did not return"):
+        fuse_rewards({"quality": torch.ones(2)}, {"semantic": 1.0})
+    with pytest.raises(ValueError, match="group_ids must be an integer tensor of shape"):
+        fuse_rewards({"quality": torch.ones(2)}, None, "group", torch.zeros(3, dtype=torch.long))
 
 
 # -- gradient diagnostics (Figure 8) -----------------------------------------------------------------

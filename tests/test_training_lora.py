@@ -13,12 +13,7 @@ from pisces_fast.training.generators import build_tiny_generator, load_generator
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
 
 def _randomise_lora(den):
@@ -157,5 +152,55 @@ def test_rng_state_roundtrip(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     load_rng(str(tmp_path), 0)
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == want
-    with pytest.raises(FileNotFoundError, match="rank 1"):
+    from pisces_fast.training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="rank 1"):
         load_rng(str(tmp_path), 1)
+
+
+@pytest.mark.parametrize("family,arch,pipeline", [("modelscope", "unet3d", "TextToVideoSDPipeline"),
+                                                  ("wan", "wan", "WanPipeline"),
+                                                  ("hunyuan", "hunyuan", "HunyuanVideoPipeline")])
+def test_load_lora_into_stock_pipeline_equals_merged_model(family, arch, pipeline, tmp_path):
+    """pisces_fast.load_lora(pipe, dir) (peft on pipe.unet for TextToVideoSDPipeline, pipe.load_lora_weights for Wan /
+    Hunyuan) -> the stock pipeline's frames equal the project's sampler on the LoRA-merged model (same latents)."""
+    import sys
+    import warnings
+
+    import diffusers
+
+    import pisces_fast
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_layouts import SAVERS, TINY_SIZES
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layout = SAVERS[family](str(tmp_path / family))
+    size = TINY_SIZES[family]
+    gen = load_generator(layout, **size)
+    gen.denoiser.eval()
+    L.add_lora(gen.denoiser, 4, 8, TARGETS)
+    _randomise_lora(gen.denoiser)
+    L.export_diffusers_lora(L.lora_state_dict(gen.denoiser), arch, str(tmp_path / "lora"),
+                            {"rank": 4, "alpha": 8, "target_modules": TARGETS})
+    L.merge_lora(gen.denoiser)
+    prompts, steps, scale = ["a red cat runs left", "blue square"], 2, 3.0
+    torch.manual_seed(0)
+    latents = torch.randn(gen.latent_shape(2))
+    merged = gen.sample(gen.denoiser, prompts, steps, scale, latents=latents.clone())
+
+    pipe = getattr(diffusers, pipeline).from_pretrained(layout)
+    pipe.set_progress_bar_config(disable=True)
+    base = torch.as_tensor(pipe(prompts, num_inference_steps=steps, guidance_scale=scale, latents=latents.clone(),
+                                output_type="pt", **size).frames)
+    assert pisces_fast.load_lora(pipe, str(tmp_path / "lora")) is pipe
+    got = torch.as_tensor(pipe(prompts, num_inference_steps=steps, guidance_scale=scale, latents=latents.clone(),
+                               output_type="pt", **size).frames)
+    assert float((base - merged).abs().max()) > 1e-3  # the LoRA changes the frames
+    torch.testing.assert_close(got, merged, rtol=0, atol=1e-4)
+    if arch == "unet3d":
+        with pytest.raises(ValueError, match="already holds a LoRA"):
+            pisces_fast.load_lora(pipe, str(tmp_path / "lora"))
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
+        pisces_fast.load_lora(pipe, str(tmp_path))

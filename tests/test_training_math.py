@@ -7,7 +7,6 @@ import torch
 from pisces_fast.training import diffusion_math as dm
 from pisces_fast.training.distortions import (DistortionCurriculum, apply_distortion, gaussian_blur, max_shuffle_block,
                                               shuffle_blocks, validate_curriculum)
-from pisces_fast.training.reward_fusion import fuse_rewards
 from pisces_fast.training.toy_rewards import ToyColorReward
 
 
@@ -88,6 +87,78 @@ def test_group_advantages_and_ppo_clip():
     assert frac == 1.0
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_sampled_ddim_step_logprob_is_the_scheduler_density(eta):
+    """Sample x_prev with diffusers' DDIMScheduler.step (eta > 0, fixed variance_noise); its log-density under the
+    Gaussian whose mean/std are rebuilt from diffusers (the noise-free step, eta * sqrt(_get_variance)) in float64."""
+    s = ddim()
+    s.set_timesteps(8)
+    torch.manual_seed(1)
+    x, eps, noise = torch.randn(3, 2, 4, 3, 5, 5).unbind(0)
+    ab = s.alphas_cumprod
+    for t in s.timesteps:
+        prev = t - 125
+        sample = s.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        mean_ref = s.step(eps, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample.double()
+        std_ref = eta * s._get_variance(t, prev).double().sqrt()
+        ref = torch.distributions.Normal(mean_ref, std_ref).log_prob(sample.double()).flatten(1).mean(1)
+        ab_prev = ab[prev] if prev >= 0 else s.final_alpha_cumprod
+        mean, std = dm.ddim_sde_mean_std(ab[t], ab_prev, x, eps, eta)
+        torch.testing.assert_close(dm.gaussian_logprob(sample, mean, std).double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_flow_sde_step_logprob_is_the_reverse_sde_euler_maruyama_density():
+    """Flow SDE (Flow-GRPO): with x = (1 - s) x0 + s n and v = n - x0 the exact score is -(x - (1 - s) x0) / s^2; the
+    Euler-Maruyama step of dx = [v - g^2/2 score] dt + g dW (dt < 0, g = a sqrt(s / (1 - s))) is N(mean, g^2 |dt|).
+    Built here in float64 from that definition; the library's step and log-prob must agree with it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sch.set_timesteps(6)
+    sig = sch.sigmas
+    torch.manual_seed(2)
+    x0, n, z = torch.randn(3, 2, 4, 2, 4, 4).double().unbind(0)
+    a = 0.7
+    for i in range(1, len(sig) - 1):  # sigma < 1 (the first step uses sigma_max in the library)
+        s, s_next = sig[i].double(), sig[i + 1].double()
+        x, v = (1 - s) * x0 + s * n, n - x0
+        g = a * (s / (1 - s)).sqrt()
+        dt = s_next - s
+        score = -(x - (1 - s) * x0) / s ** 2
+        mean_ref = x + (v - 0.5 * g ** 2 * score) * dt
+        std_ref = g * (-dt).sqrt()
+        sample = mean_ref + std_ref * z
+        ref = torch.distributions.Normal(mean_ref, std_ref).log_prob(sample).flatten(1).mean(1)
+        mean, std = dm.flow_sde_mean_std(x.float(), v.float(), sig[i], sig[i + 1], a, float(sig[1]))
+        torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dm.gaussian_logprob(sample.float(), mean, std).double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ppo_on_policy_ratio_is_one_and_clipping_lets_small_steps_through():
+    torch.manual_seed(3)
+    adv = torch.randn(6)
+    logp_old = torch.randn(6)
+    # On-policy: ratio exactly 1, the clipped objective and its gradient equal the unclipped -A rho.
+    logp = logp_old.clone().requires_grad_(True)
+    loss, frac, ratio = dm.grpo_clip_loss(logp, logp_old, adv, 1e-4)
+    assert torch.equal(ratio, torch.ones(6)) and frac == 0
+    loss.backward()
+    lp2 = logp_old.clone().requires_grad_(True)
+    (-adv * torch.exp(lp2 - logp_old)).mean().backward()
+    torch.testing.assert_close(loss.detach(), -adv.mean())
+    torch.testing.assert_close(logp.grad, lp2.grad)
+    assert torch.all(logp.grad != 0)
+    # Inside the clip range a step's gradient passes unchanged; outside it passes only where it moves back.
+    delta = torch.tensor([5e-5, -5e-5, 5e-5, -5e-5, 1e-3, -1e-3])
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, -1.0])
+    logp = (logp_old + delta).requires_grad_(True)
+    loss, frac, _ = dm.grpo_clip_loss(logp, logp_old, adv, 1e-4)
+    loss.backward()
+    assert torch.all(logp.grad[:4] != 0) and torch.all(logp.grad[4:] == 0) and abs(float(frac) - 2 / 6) < 1e-6
+    diag = dm.ppo_diagnostics(logp.detach(), logp_old, 1e-4)
+    assert abs(diag["clipfrac"] - 2 / 6) < 1e-6 and diag["approx_kl"] > 0 and diag["ratio_max"] > 1 > diag["ratio_min"]
+
+
 def test_dpo_loss_prefers_lower_winner_error():
     zero = torch.zeros(3)
     loss0, acc0, _ = dm.diffusion_dpo_loss(zero, zero, zero, zero, 100.0)
@@ -96,17 +167,6 @@ def test_dpo_loss_prefers_lower_winner_error():
     assert better < loss0 and acc == 1 and torch.allclose(inside, torch.full((3,), 5.0))
     torch.testing.assert_close(dm.gaussian_kl_same_std(torch.ones(2, 3), torch.zeros(2, 3), torch.full((2, 1), 0.5)),
                                torch.full((2,), 2.0))
-
-
-def test_fuse_rewards_equal_and_group():
-    r = {"quality": torch.tensor([1.0, 2.0, 3.0, 4.0]), "semantic": torch.tensor([10.0, 10.0, 0.0, 20.0])}
-    torch.testing.assert_close(fuse_rewards(r, {"quality": 1.0, "semantic": 0.5}, "equal"), torch.tensor([6.0, 7.0, 3.0, 14.0]))
-    g = fuse_rewards(r, {"quality": 1.0, "semantic": 1.0}, "group", group_size=2)
-    torch.testing.assert_close(g, torch.tensor([-1.0, 1.0, -2.0, 2.0]), atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="not produced"):
-        fuse_rewards(r, {"motion": 1.0})
-    with pytest.raises(ValueError, match="group_size"):
-        fuse_rewards(r, {"quality": 1.0}, "group", group_size=3)
 
 
 def test_distortions():

@@ -15,8 +15,14 @@ import pytest
 import torch
 
 from pisces_fast.data import shapes as S
-from pisces_fast.rewards.world_vlm import load_world_vlm, world_assets_dir, world_vlm_path
-from pisces_fast.training.world_assets import load_world_generator, world_generator_meta, world_generator_path
+from pisces_fast.world.assets import (
+    load_world_generator,
+    load_world_vlm,
+    world_assets_dir,
+    world_generator_meta,
+    world_generator_path,
+    world_vlm_path,
+)
 
 # Measured (512 held-out clips, see training_summary.json): matched > swapped VTM 0.72 (color 0.89, count
 # 0.94, size 0.78, shape 0.65; motion direction and relation near chance), t2v R@1 0.80 in batches of 64.
@@ -138,9 +144,12 @@ def test_main_job_reduced_on_the_shipped_world(tmp_path, monkeypatch):
     result = train.main([
         "--output_dir", str(out), "--max_steps", "2", "--checkpoint_every", "0", "--data.batch_size", "2",
         "--world.ot_map_clips", "64", "--world.ot_map_steps", "5", "--world.eval_prompts", "2",
-        "--world.eval_seeds", "[0]", "--world.eval_steps", "3",
+        "--world.eval_seeds", "[0]", "--world.teacher_grid", "[{sampler: consistency, steps: 2, guidance: 3}]",
+        "--world.student_grid", "[{sampler: consistency, steps: 2, guidance: 3}]",
+        "--world.student_row", "{sampler: consistency, steps: 2, guidance: 3}",
     ])
     report = json.loads((out / "report.json").read_text())
+    assert report["before_row"] == report["after_row"] == "consistency 2 steps, CFG 3"
     assert set(report["before"]) == set(report["after"]) >= {"quality", "semantic", "total"}
     assert all(0.0 <= v <= 1.0 for side in ("before", "after") for v in report[side].values())
     assert result["after"] == report["after"]

@@ -1,4 +1,4 @@
-"""The main job's pipeline (OT-map fit -> before eval -> PISCES post-training -> after eval -> report),
+"""The main job's pipeline (OT-map fit -> teacher grid -> PISCES post-training -> student grid -> report),
 reduced to seconds on tiny random models saved the way the shipped world models are."""
 import json
 import os
@@ -9,9 +9,9 @@ import torch
 from pisces_fast.data.shapes import VOCAB
 from pisces_fast.rewards.backbones import InternVideo2, InternVideo2Backbone, InternVideo2Config
 from pisces_fast.rewards.tokenizer import build_word_tokenizer
-from pisces_fast.training.config import config_from_argv
 from pisces_fast.training.generators import build_tiny_generator, save_generator
-from pisces_fast.training.world_job import WORLD_DEFAULTS, plot_curves, run_world_job, summarize
+from pisces_fast.world import WorldTrainConfig, run_world_job, world_config_from_argv
+from pisces_fast.world.job import plot_curves, summarize
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +32,36 @@ def test_world_job_end_to_end_reduced(tiny_world, tmp_path, monkeypatch):
         "--output_dir", str(out), "--max_steps", "2", "--checkpoint_every", "0",
         "--model.path", str(tiny_world / "generator"), "--world.vlm", str(tiny_world / "vlm"),
         "--data.batch_size", "2", "--world.ot_map_clips", "32", "--world.ot_map_steps", "3",
-        "--world.eval_prompts", "2", "--world.eval_seeds", "[0]", "--world.eval_steps", "2",
-        "--cd.num_ddim_timesteps", "10",
+        "--world.eval_prompts", "2", "--world.eval_seeds", "[0, 1]", "--cd.num_ddim_timesteps", "10",
+        "--model.text_max_length", "16",
+        "--world.teacher_grid", '[{sampler: ddim, steps: 2, guidance: 1}, {sampler: consistency, steps: 2, guidance: 2}]',
+        "--world.student_grid", '[{sampler: consistency, steps: 2, guidance: 2}]',
+        "--world.student_row", "{sampler: consistency, steps: 2, guidance: 2}",
     ]
-    cfg = config_from_argv(argv, defaults=WORLD_DEFAULTS)
-    assert cfg.world.enabled and cfg.data.kind == "shapes"
+    cfg = world_config_from_argv(argv)
+    assert isinstance(cfg, WorldTrainConfig) and cfg.data.kind == "shapes" and cfg.cd.guidance_conditioning
     result = run_world_job(cfg)
     report = json.loads((out / "report.json").read_text())
     for side in ("before", "after"):
         assert {"quality", "semantic", "total"} <= set(report[side])
         assert all(0.0 <= v <= 1.0 for v in report[side].values())
-    assert result["before"] == report["before"]
+    # before = the teacher's best row by total; after = the student's consistency row
+    teacher = report["teacher_grid"]
+    assert set(teacher) == {"DDIM 2 steps, CFG 1", "consistency 2 steps, CFG 2"}
+    assert report["before_row"] == max(teacher, key=lambda k: teacher[k]["mean"]["total"])
+    assert report["after_row"] == "consistency 2 steps, CFG 2" and set(report["student_grid"]) == {report["after_row"]}
+    for row in list(teacher.values()) + list(report["student_grid"].values()):
+        assert len(row["per_seed"]) == 2 and set(row["std"]) == set(row["mean"])
+        for k, v in row["mean"].items():  # the mean is the mean over seeds
+            assert v == pytest.approx(sum(s[k] for s in row["per_seed"]) / 2)
+    assert result["before"] == report["before"] == teacher[report["before_row"]]["mean"]
     assert len(report["prompts"]) == 2
-    for name in ("report.md", "before_after.gif", "curves.png", "metrics.jsonl", "ot_map/config.json"):
+    for name in ("report.md", "before_after.gif", "curves.png", "metrics.jsonl", "ot_map/config.json",
+                 "teacher_grid.json"):
         assert (out / name).is_file(), name
-    assert "| semantic |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| semantic |" in md and f"**before** = the teacher at its best sampler: {report['before_row']}" in md
+    assert "## The whole grid" in md and "(after)" in md
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert {"loss_cd", "reward/quality", "reward/semantic"} <= set(rows[0])
@@ -66,7 +81,36 @@ def test_curves_from_metrics(tmp_path):
 
 
 def test_bad_world_config_is_named(tmp_path):
+    base = ["--model.path", str(tmp_path)]
     with pytest.raises(ValueError, match="world.eval_prompts"):
-        config_from_argv(["--world.eval_prompts", "0", "--model.path", str(tmp_path)], defaults=WORLD_DEFAULTS)
+        world_config_from_argv(["--world.eval_prompts", "0"] + base)
     with pytest.raises(FileNotFoundError, match="world.vlm"):
-        config_from_argv(["--world.vlm", str(tmp_path / "nope"), "--model.path", str(tmp_path)], defaults=WORLD_DEFAULTS)
+        world_config_from_argv(["--world.vlm", str(tmp_path / "nope")] + base)
+    with pytest.raises(ValueError, match=r"world.teacher_grid\[0\].sampler"):
+        world_config_from_argv(["--world.teacher_grid", "[{sampler: euler, steps: 4, guidance: 1}]"] + base)
+    with pytest.raises(ValueError, match="world.student_row"):
+        world_config_from_argv(["--world.student_row", "{sampler: consistency, steps: 3, guidance: 3}"] + base)
+
+
+def test_training_config_knows_nothing_of_the_world(tmp_path):
+    """C8: the library's TrainConfig has no world section; only the world's config does."""
+    from pisces_fast.training.config import TrainConfig, config_from_argv
+
+    assert "world" not in {f.name for f in __import__("dataclasses").fields(TrainConfig)}
+    with pytest.raises(ValueError, match="world"):
+        config_from_argv(["--world.eval_prompts", "2", "--model.tiny", "unet3d"])
+
+
+def test_library_does_not_import_the_world_or_eval():
+    """Architecture: training never imports eval, and nothing outside pisces_fast/world imports the world."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "pisces_fast"
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        text = path.read_text()
+        if not rel.startswith("world/"):
+            assert not re.search(r"(from|import)\s+(pisces_fast\.world|\.\.?world\b)", text), rel
+        if rel.startswith("training/"):
+            assert not re.search(r"(from|import)\s+(pisces_fast\.eval|\.\.eval)", text), rel

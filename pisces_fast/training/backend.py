@@ -11,10 +11,13 @@ import contextlib
 import json
 import math
 import os
+import pickle
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .checkpoint import CheckpointError, read_checkpoint_file
 
 
 def lr_lambda(optim_cfg, max_steps: int):
@@ -80,11 +83,16 @@ class TorchBackend:
     def load_state(self, directory: str) -> None:
         path = os.path.join(directory, "optimizer.pt")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {directory}: missing optimizer.pt (saved by a DeepSpeed run? resume it "
-                                    "under the deepspeed launcher)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+            if os.path.isdir(os.path.join(directory, "deepspeed")):
+                raise CheckpointError(f"checkpoint {directory} was saved by a DeepSpeed run (deepspeed/, no optimizer.pt): "
+                                      "resume it under the deepspeed launcher or with --deepspeed CONFIG")
+        state = read_checkpoint_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+
+        def restore(p):
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+        read_checkpoint_file(path, restore)  # wrong structure (not this run's optimizer) is a corrupt file too
 
     def gathered(self, params, modifier_rank=None):
         return contextlib.nullcontext()
@@ -128,6 +136,36 @@ def _resolve_ds_config(path: Optional[str], cfg) -> dict:
     return ds
 
 
+def deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed's ZeRO checkpoints hold (loss scaler, ZeRO stage, fragment addresses): plain
+    data classes whose unpickling runs no code. Everything else is refused by torch's weights_only unpickler."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_checkpoints_without_pickle(engine) -> None:
+    """DeepSpeed (0.19) reads its checkpoint files with `torch.load(weights_only=False)`, which runs any code a
+    planted pickle carries. Route every read of this engine through torch's weights_only unpickler instead."""
+    safe = deepspeed_safe_globals()
+
+    def load(path: str, map_location=None):
+        def read(p):
+            try:
+                with torch.serialization.safe_globals(safe):
+                    return torch.load(p, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(
+                    f"checkpoint file refused: {p}: it holds Python objects other than tensors and DeepSpeed's "
+                    f"optimizer metadata, and loading it would run arbitrary code "
+                    f"({str(exc).strip().splitlines()[0][:200]})") from exc
+        return read_checkpoint_file(path, read)
+
+    engine.checkpoint_engine.load = load
+
+
 def init_distributed() -> None:
     import deepspeed
 
@@ -150,6 +188,7 @@ class DeepSpeedBackend:
         opt, sched = make_optimizer(params, cfg.optim, cfg.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=denoiser, optimizer=opt, lr_scheduler=sched, config=self.ds_config)
+        load_deepspeed_checkpoints_without_pickle(self.engine)
         self.module = self.engine.module
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.grad_norm: Optional[float] = None
@@ -183,12 +222,19 @@ class DeepSpeedBackend:
 
     def load_state(self, directory: str) -> None:
         if not os.path.isdir(os.path.join(directory, "deepspeed")):
-            raise FileNotFoundError(f"checkpoint {directory}: missing deepspeed/ (saved by a plain torch run? resume it "
-                                    "with `python train.py`)")
-        path, _ = self.engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+            hint = (" (saved by a plain torch run: resume it with `python train.py --deepspeed null`)"
+                    if os.path.isfile(os.path.join(directory, "optimizer.pt")) else "")
+            raise CheckpointError(f"checkpoint {directory} is incomplete: deepspeed/ (optimizer state) is missing{hint}")
+        try:
+            path, _ = self.engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=False,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed's own errors on damaged state: name the directory
+            raise CheckpointError(f"checkpoint {os.path.join(directory, 'deepspeed')}: DeepSpeed could not restore the "
+                                  f"optimizer state ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from exc
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+            raise CheckpointError(f"checkpoint {os.path.join(directory, 'deepspeed')}: DeepSpeed found no state to load")
 
     def gathered(self, params, modifier_rank=None):
         if self.zero_stage != 3:

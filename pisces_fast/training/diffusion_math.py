@@ -100,6 +100,17 @@ def grpo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor
     return loss, frac, ratio
 
 
+def ppo_diagnostics(logp: torch.Tensor, logp_old: torch.Tensor, clip_range: float) -> dict:
+    """What a PPO step did, per sample batch: ratio mean/min/max, the clipped fraction, and the approximate
+    KL(old || new) estimator k3 = E[(rho - 1) - log rho] (>= 0, unbiased; Schulman's "approx_kl")."""
+    with torch.no_grad():
+        log_ratio = (logp - logp_old).float()
+        ratio = log_ratio.exp()
+        return {"ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+                "clipfrac": float(((ratio - 1).abs() > clip_range).float().mean()),
+                "approx_kl": float(((ratio - 1) - log_ratio).mean())}
+
+
 def gaussian_kl_same_std(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, s^2) || N(mean_ref, s^2)) = (mean - mean_ref)^2 / (2 s^2), averaged per sample -> (B,)."""
     std = std.expand_as(mean) if std.dim() == mean.dim() else std

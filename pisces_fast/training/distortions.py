@@ -1,4 +1,5 @@
-"""DF-DPO's losers: distorted copies of real clips (Sec. 5.1 of the DF-DPO paper), and their curriculum.
+"""Video corruptions: DF-DPO's losers (Sec. 5.1 of the DF-DPO paper) with their curriculum, and the damage the
+world's analyzer is validated on (``tests/test_analyzer.py``, ``benchmarks/reward_validity.py``) -- one set.
 
 Operators act on pixel videos (B, T, 3, H, W) in [0, 1]:
 - temporal: "reverse" (f_t -> f_{T+1-t}); "shuffle" (frames inside blocks of at most 0.2*T frames are permuted,
@@ -10,6 +11,12 @@ Operators act on pixel videos (B, T, 3, H, W) in [0, 1]:
 `DistortionCurriculum` holds stages {"ops": [...], "strength": s} and moves to the next stage every K steps
 (Algorithm 1, line 15: UpdateDistortionOperators); the default goes from blatant to subtle artefacts.
 Randomness comes from the `generator` passed in (or torch's global RNG, which checkpoints restore).
+
+`CORRUPTIONS` names the fixed-strength corruptions each of which damages one thing a generator can get wrong
+(`gaussian_blur`, `shuffle_frames` -- a full random permutation --, `reverse_time`, `add_noise`,
+`brightness_flicker`); they also take one clip (T, 3, H, W) and a `seed` instead of a generator. Semantic
+corruptions that need the scene (a wrong color, a missing object) are made by re-rendering an edited layout
+(`SceneLayout.with_object` / `without_object` or a hard negative's spec in `pisces_fast.data.shapes`).
 """
 from __future__ import annotations
 
@@ -48,10 +55,6 @@ def _rand(generator, *shape, device=None):
     return torch.rand(*shape, generator=generator).to(device)
 
 
-def reverse_frames(video: torch.Tensor) -> torch.Tensor:
-    return video.flip(1)
-
-
 def max_shuffle_block(num_frames: int) -> int:
     return max(2, int(math.floor(0.2 * num_frames)))
 
@@ -77,18 +80,83 @@ def shuffle_blocks(video: torch.Tensor, strength: float = 1.0, generator: Option
     return out
 
 
-def gaussian_blur(video: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma <= 0:
+def _as_batch(videos: torch.Tensor, name: str = "videos") -> tuple[torch.Tensor, bool]:
+    """(N, T, 3, H, W) or one clip (T, 3, H, W) -> a batch and whether it was one clip."""
+    if not isinstance(videos, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(videos).__name__}")
+    if videos.dim() == 4 and videos.shape[1] == 3:
+        return videos[None], True
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"{name} must have shape (N, T, 3, H, W) or (T, 3, H, W), got {tuple(videos.shape)}")
+    return videos, False
+
+
+def _seeded(generator: Optional[torch.Generator], seed: int) -> torch.Generator:
+    return generator if generator is not None else torch.Generator().manual_seed(seed)
+
+
+def gaussian_blur(video: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Blur every frame with a separable Gaussian of std ``sigma`` pixels (replicate padding); sigma 0 is identity."""
+    if not isinstance(sigma, (int, float)) or sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma!r}")
+    batch, single = _as_batch(video, "video")
+    if sigma == 0:
         return video
     radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=video.dtype, device=video.device)
+    x = torch.arange(-radius, radius + 1, dtype=batch.dtype, device=batch.device)
     k = torch.exp(-(x ** 2) / (2 * sigma ** 2))
     k = k / k.sum()
-    B, T, C, H, W = video.shape
-    flat = video.reshape(B * T * C, 1, H, W)
+    B, T, C, H, W = batch.shape
+    flat = batch.reshape(B * T * C, 1, H, W)
     flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
     flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-    return flat.reshape(B, T, C, H, W)
+    out = flat.reshape(B, T, C, H, W)
+    return out[0] if single else out
+
+
+def shuffle_frames(videos: torch.Tensor, generator: Optional[torch.Generator] = None, seed: int = 0) -> torch.Tensor:
+    """Permute all frames of each clip at random (never the identity): motion smoothness and direction break."""
+    batch, single = _as_batch(videos)
+    N, T = batch.shape[:2]
+    if T < 2:
+        raise ValueError(f"videos: shuffling needs at least 2 frames, got T={T}")
+    gen = _seeded(generator, seed)
+    out = torch.empty_like(batch)
+    for n in range(N):
+        perm = torch.randperm(T, generator=gen)
+        while torch.equal(perm, torch.arange(T)):
+            perm = torch.randperm(T, generator=gen)
+        out[n] = batch[n, perm.to(batch.device)]
+    return out[0] if single else out
+
+
+def reverse_time(videos: torch.Tensor) -> torch.Tensor:
+    """Play each clip backwards: every moving object moves the opposite way (a wrong-direction clip)."""
+    batch, single = _as_batch(videos)
+    return batch.flip(1)[0] if single else batch.flip(1)
+
+
+def add_noise(videos: torch.Tensor, std: float = 0.05, generator: Optional[torch.Generator] = None,
+              seed: int = 0) -> torch.Tensor:
+    """Add i.i.d. Gaussian pixel noise of ``std``, independently per frame (grain that flickers)."""
+    if not std > 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    batch, single = _as_batch(videos)
+    noise = torch.randn(batch.shape, generator=_seeded(generator, seed)).to(batch)
+    out = (batch + std * noise).clamp(0.0, 1.0)
+    return out[0] if single else out
+
+
+def brightness_flicker(videos: torch.Tensor, amplitude: float = 0.1, generator: Optional[torch.Generator] = None,
+                       seed: int = 0) -> torch.Tensor:
+    """Scale each frame's brightness by ``1 + U(-amplitude, amplitude)`` (global temporal flicker)."""
+    if not 0 < amplitude < 1:
+        raise ValueError(f"amplitude must be in (0, 1), got {amplitude}")
+    batch, single = _as_batch(videos)
+    N, T = batch.shape[:2]
+    gain = 1.0 + amplitude * (2.0 * torch.rand(N, T, 1, 1, 1, generator=_seeded(generator, seed)) - 1.0)
+    out = (batch * gain.to(batch)).clamp(0.0, 1.0)
+    return out[0] if single else out
 
 
 def color_shift(video: torch.Tensor, strength: float, generator=None) -> torch.Tensor:
@@ -106,7 +174,7 @@ def apply_distortion(video: torch.Tensor, op: str, strength: float = 1.0, genera
     if video.dim() != 5 or video.shape[2] != 3:
         raise ValueError(f"video: expected shape (B, T, 3, H, W), got {tuple(video.shape)}")
     if op == "reverse":
-        return reverse_frames(video)
+        return reverse_time(video)
     if op == "shuffle":
         return shuffle_blocks(video, strength, generator)
     if op == "blur":
@@ -148,3 +216,13 @@ class DistortionCurriculum:
             out.append(apply_distortion(video[b:b + 1], op, strength, generator))
             names.append(op)
         return torch.cat(out), names
+
+
+# Fixed-strength corruptions the analyzer is validated on, one per thing a generator can get wrong.
+CORRUPTIONS = {
+    "blur": gaussian_blur,
+    "shuffle": shuffle_frames,
+    "reverse": reverse_time,
+    "noise": add_noise,
+    "flicker": brightness_flicker,
+}

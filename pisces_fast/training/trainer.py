@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..fileio import atomic_write_text
 from . import checkpoint as ckpt
 from .backend import DeepSpeedBackend, TorchBackend, launched_world_size
 from .batches import ShardedBatches
@@ -59,6 +60,8 @@ class Trainer:
         rank = int(os.environ.get("RANK", "0")) if use_ds else 0
         seed_everything(cfg.seed + 1000 * rank)
         self.gen = generator_from_config(cfg.model)
+        if cfg.cd.guidance_conditioning and (cfg.mode == "cd" or (cfg.mode == "grpo" and cfg.grpo.cd_weight > 0)):
+            self.gen.enable_guidance_conditioning(cfg.cd.guidance_embedding_dim)  # the w input trains with the LoRA
         den = self.gen.denoiser
         lc = cfg.lora
         add_lora(den, lc.rank, lc.alpha, lc.target_modules, lc.dropout, lc.init)
@@ -71,11 +74,14 @@ class Trainer:
             add_lora(den, lc.rank, lc.alpha, lc.target_modules, 0.0, True, adapter_name=EMA_ADAPTER)
             copy_adapter(den, ADAPTER, EMA_ADAPTER)
         self.resume_from = ckpt.find_resume_checkpoint(cfg.output_dir, cfg.resume)
+        resume_state = None
         if self.resume_from is not None:
+            resume_state = ckpt.read_trainer_state(self.resume_from)  # read first: a corrupt one fails fast
             # Weights go in before DeepSpeed builds its fp32 master copies / partitions.
-            load_lora_state_dict(den, read_lora(os.path.join(self.resume_from, "lora.safetensors"))[0])
+            load_lora_state_dict(den, ckpt.read_checkpoint_lora(os.path.join(self.resume_from, "lora.safetensors")))
             if self.ema_decay:
-                load_lora_state_dict(den, read_lora(os.path.join(self.resume_from, "lora_ema.safetensors"))[0], EMA_ADAPTER)
+                load_lora_state_dict(den, ckpt.read_checkpoint_lora(os.path.join(self.resume_from, "lora_ema.safetensors")),
+                                     EMA_ADAPTER)
         if use_ds:
             self.backend = DeepSpeedBackend(den, cfg, cfg.resolve_path(cfg.deepspeed) if cfg.deepspeed else None)
             if self.backend.bf16:
@@ -102,9 +108,12 @@ class Trainer:
         self.step = 0
         if self.resume_from is not None:
             self.backend.load_state(self.resume_from)
-            state = ckpt.read_trainer_state(self.resume_from)
-            self.step = int(state["step"])
-            self.batches.load_state_dict(state["data"])
+            self.step = int(resume_state["step"])
+            try:
+                self.batches.load_state_dict(resume_state["data"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ckpt.CheckpointError(f"checkpoint file corrupt: {os.path.join(self.resume_from, 'trainer_state.json')}: "
+                                           f"bad data position ({exc})") from exc
             ckpt.load_rng(os.path.join(self.resume_from, "rng"), self.rank)
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         if self.rank == 0:
@@ -118,9 +127,15 @@ class Trainer:
         """On resume, drop lines logged after the checkpoint (they are about to be recomputed)."""
         if not os.path.isfile(self.metrics_path):
             return
-        with open(self.metrics_path) as fh:
-            lines = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= self.step]
-        ckpt.atomic_write_text(self.metrics_path, "".join(lines))
+        def kept(line: str) -> bool:
+            try:
+                return json.loads(line)["step"] <= self.step
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill: after the checkpoint, recomputed
+                return False
+
+        with open(self.metrics_path, encoding="utf-8", errors="replace") as fh:
+            lines = [ln if ln.endswith("\n") else ln + "\n" for ln in fh if ln.strip() and kept(ln)]
+        atomic_write_text(self.metrics_path, "".join(lines))
 
     def _lora_getter(self, adapter: str):
         def get():
@@ -141,8 +156,18 @@ class Trainer:
         from .video_io import save_video_grid
 
         v = self.cfg.validation
-        g = torch.Generator().manual_seed(v.seed)  # never touches the training RNG stream
-        video = self.gen.sample(self.backend.forward, list(v.prompts), v.num_steps, v.guidance_scale, generator=g)
+        # Exact resume needs validation to draw nothing from the global RNG: its own generator for the noise, and
+        # eval mode so the denoiser's dropout layers (UNet3D has p=0.1) neither draw random numbers nor perturb it.
+        g = torch.Generator().manual_seed(v.seed)
+        den = self.gen.denoiser
+        was_training = den.training
+        den.eval()
+        try:
+            with torch.no_grad():
+                video = self.gen.sample(self.backend.forward, list(v.prompts), v.num_steps, v.guidance_scale, generator=g,
+                                        sampler=v.sampler)
+        finally:
+            den.train(was_training)
         if self.rank != 0:
             return None
         path = os.path.join(self.cfg.output_dir, "validation", f"step-{self.step:08d}.{v.format}")
@@ -201,6 +226,8 @@ class Trainer:
             if crash_after is not None and self.step == crash_after:
                 os._exit(17)
         bar.close()
+        if self.rank == 0:
+            plot_run_curves(self.metrics_path, os.path.join(cfg.output_dir, "curves.png"))
         if last_saved != self.step:
             self.save_checkpoint(reason="final")
         out = {"step": self.step, "output_dir": cfg.output_dir}
@@ -231,6 +258,49 @@ class Trainer:
                 save_generator(self.gen, os.path.join(self.cfg.output_dir, "merged"))
         self.backend.barrier()
         return path
+
+
+# Panels of curves.png, in this order (then every other logged number): what each mode optimises first, then its
+# diagnostics (GRPO: ratios, clipping, KL, advantages; DF-DPO: implicit accuracy and margin, curriculum stage).
+CURVE_ORDER = ("loss", "reward_mean", "reward_std", "loss_grpo", "ratio_mean", "ratio_min", "ratio_max", "clipfrac",
+               "approx_kl", "kl", "advantage_std", "loss_dpo", "implicit_acc", "dpo_margin", "curriculum_stage",
+               "mse_win", "mse_lose", "loss_sft", "loss_cd", "loss_reward")
+
+
+def plot_run_curves(metrics_path: str, out_path: str) -> Optional[str]:
+    """One panel per number in metrics.jsonl (raw and a running mean) -> `out_path` PNG; None if nothing logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not os.path.isfile(metrics_path):
+        return None
+    with open(metrics_path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    if not rows:
+        return None
+    keys = {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+    names = [k for k in CURVE_ORDER if k in keys] + sorted(keys - set(CURVE_ORDER))
+    ncol = min(4, len(names))
+    nrow = (len(names) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.5 * nrow), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        pts = [(r["step"], float(r[name])) for r in rows if isinstance(r.get(name), (int, float))]
+        steps, values = [p[0] for p in pts], np.array([p[1] for p in pts])
+        ax.plot(steps, values, lw=0.8, alpha=0.5)
+        window = max(1, len(values) // 10)
+        if window > 1:
+            ax.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"), lw=1.6)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
 
 
 def train(cfg: TrainConfig) -> dict:
