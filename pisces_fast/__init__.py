@@ -6,7 +6,9 @@ in transformers/diffusers, which a kernel user should not have to load).
 """
 from .ops import (
     OTAttention,
+    OTConfig,
     available_backends,
+    backend_report,
     fuse_attention,
     ot_attention,
     sinkhorn_unbalanced,
@@ -20,7 +22,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OTAttention",
+    "OTConfig",
     "available_backends",
+    "backend_report",
     "fuse_attention",
     "load_lora",
     "ot_attention",

@@ -11,7 +11,8 @@ from pisces_fast.rewards.backbones import InternVideo2, InternVideo2Backbone, In
 from pisces_fast.rewards.tokenizer import build_word_tokenizer
 from pisces_fast.training.generators import build_tiny_generator, save_generator
 from pisces_fast.world import WorldTrainConfig, run_world_job, world_config_from_argv
-from pisces_fast.world.job import plot_curves, summarize
+from pisces_fast.training.trainer import plot_run_curves
+from pisces_fast.world.job import summarize
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,8 @@ def test_summarize_keeps_scores_only():
 def test_curves_from_metrics(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps({"step": i, "loss": 1.0 / i, "reward/semantic": 0.1 * i}) for i in range(1, 30)))
-    assert plot_curves(str(path), str(tmp_path / "c.png")) and os.path.getsize(tmp_path / "c.png") > 1000
-    assert plot_curves(str(tmp_path / "missing.jsonl"), str(tmp_path / "d.png")) is None
+    assert plot_run_curves(str(path), str(tmp_path / "c.png")) and os.path.getsize(tmp_path / "c.png") > 1000
+    assert plot_run_curves(str(tmp_path / "missing.jsonl"), str(tmp_path / "d.png")) is None
 
 
 def test_bad_world_config_is_named(tmp_path):

@@ -526,6 +526,28 @@ def load_embeddings(path: PathLike, key: Optional[str] = None) -> torch.Tensor:
     return _check_embeddings(f"embeddings in {path}", tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor)
 
 
+def add_fit_arguments(group, steps_flag: str = "--steps", batch_flag: str = "--batch-size") -> None:
+    """The fit hyper-parameters of `fit_ot_map` as flags (dests: the keyword names of `fit_hyperparameters`), shared
+    by this CLI and `pisces_fast.rewards.prepare` (which renames the two flags that clash with its own)."""
+    group.add_argument(steps_flag, dest="fit_steps", type=int, default=10_000, help="optimisation steps (Algorithm 2)")
+    group.add_argument(batch_flag, dest="fit_batch_size", type=int, default=256, help="pairs per step")
+    group.add_argument("--inner-steps", type=int, default=10, help="map (inner) updates per potential update")
+    group.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of map and potential")
+    group.add_argument("--hidden", type=int, default=512, help="hidden width of the map's and the potential's MLPs")
+    group.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and the validation split")
+    group.add_argument("--val-fraction", type=float, default=0.1, help="pairs held out to report the fit")
+    group.add_argument("--log-every", type=int, default=100, help="steps between validation rows in the history")
+    group.add_argument("--checkpoint-every", type=int, default=1000,
+                       help="write a resumable fit state every N steps (a rerun resumes)")
+
+
+def fit_hyperparameters(args: argparse.Namespace) -> dict:
+    """`fit_ot_map` keyword arguments from flags added by `add_fit_arguments`."""
+    return dict(steps=args.fit_steps, batch_size=args.fit_batch_size, inner_steps=args.inner_steps, lr=args.lr,
+                hidden=args.hidden, seed=args.seed, val_fraction=args.val_fraction, log_every=args.log_every,
+                checkpoint_every=args.checkpoint_every)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pisces_fast.rewards.ot_map", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -535,18 +557,9 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--source-key", default=None, help="tensor name inside --source if it holds several")
     fit.add_argument("--target-key", default=None, help="tensor name inside --target if it holds several")
     fit.add_argument("--out", required=True, help="output directory (ot_map.safetensors + config.json)")
-    fit.add_argument("--steps", type=int, default=10_000)
-    fit.add_argument("--batch-size", type=int, default=256)
-    fit.add_argument("--inner-steps", type=int, default=10)
-    fit.add_argument("--lr", type=float, default=1e-4)
-    fit.add_argument("--hidden", type=int, default=512)
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--val-fraction", type=float, default=0.1)
-    fit.add_argument("--log-every", type=int, default=100)
+    add_fit_arguments(fit)
     fit.add_argument("--no-residual", action="store_true", help="plain MLP map instead of y + MLP(y)")
     fit.add_argument("--device", default=None, help="e.g. cuda; default cpu")
-    fit.add_argument("--checkpoint-every", type=int, default=1000,
-                     help="write a resumable fit state into --out every N steps (a rerun resumes)")
     fit.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -560,10 +573,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if source.shape[1] != target.shape[1]:
             raise ValueError(f"--source has {source.shape[1]}-d embeddings but --target has {target.shape[1]}-d")
         ot_map = fit_ot_map(
-            source, target, steps=args.steps, batch_size=args.batch_size, inner_steps=args.inner_steps,
-            lr=args.lr, hidden=args.hidden, seed=args.seed, progress=not args.no_progress,
-            residual=not args.no_residual, val_fraction=args.val_fraction, log_every=args.log_every,
-            device=args.device, checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
+            source, target, **fit_hyperparameters(args), progress=not args.no_progress,
+            residual=not args.no_residual, device=args.device, checkpoint_dir=args.out,
         )
         out = ot_map.save(args.out)
     except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as exc:

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from .build import BackboneSpec, backbone_input_size, build_backbone, load_backbone_yaml
+from .ot_map import add_fit_arguments, fit_hyperparameters
 
 MANIFEST = "manifest.json"
 
@@ -137,15 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cuda (default: cuda if available, else cpu)")
     p.add_argument("--embed-only", action="store_true", help="stop after the embeddings")
     fit = p.add_argument_group("OT map (Algorithm 2; see python -m pisces_fast.rewards.ot_map fit --help)")
-    fit.add_argument("--fit-steps", type=int, default=10_000)
-    fit.add_argument("--fit-batch-size", type=int, default=256)
-    fit.add_argument("--inner-steps", type=int, default=10)
-    fit.add_argument("--lr", type=float, default=1e-4)
-    fit.add_argument("--hidden", type=int, default=512)
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--val-fraction", type=float, default=0.1)
-    fit.add_argument("--log-every", type=int, default=100)
-    fit.add_argument("--checkpoint-every", type=int, default=1000)
+    add_fit_arguments(fit, steps_flag="--fit-steps", batch_flag="--fit-batch-size")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -189,9 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     del backbone
     ot_dir = out / "ot_map"
     ot_map = fit_ot_map(
-        emb["text"], emb["video"], steps=args.fit_steps, batch_size=args.fit_batch_size, inner_steps=args.inner_steps,
-        lr=args.lr, hidden=args.hidden, seed=args.seed, progress=progress, val_fraction=args.val_fraction,
-        log_every=args.log_every, device=device, checkpoint_dir=ot_dir, checkpoint_every=args.checkpoint_every,
+        emb["text"], emb["video"], **fit_hyperparameters(args), progress=progress, device=device, checkpoint_dir=ot_dir,
     )
     ot_map.save(ot_dir)
     OTMap.load(ot_dir)  # what training will read: fail here, not there

@@ -31,7 +31,7 @@ import torch
 
 from pisces_fast.data.shapes import ShapesDataset, WorldConfig
 from pisces_fast.eval.analyzer import DIMENSIONS, analyze
-from pisces_fast.training.checkpoint import atomic_write_text
+from pisces_fast.fileio import atomic_write_text
 
 from .assets import load_world_vlm
 from .config import WORLD_REWARD, WorldTrainConfig, row_key
@@ -253,37 +253,6 @@ def write_report(out_dir: str, teacher: dict, student: dict, before_label: str, 
     return report
 
 
-def plot_curves(metrics_path: str, out_path: str) -> Optional[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not os.path.isfile(metrics_path):
-        return None
-    with open(metrics_path) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    if not rows:
-        return None
-    names = [k for k in ("loss", "loss_cd", "loss_reward", "reward/quality", "reward/semantic") if k in rows[0]]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8))
-    axes = axes if len(names) > 1 else [axes]
-    steps = [r["step"] for r in rows]
-    for ax, name in zip(axes, names):
-        values = [r.get(name, float("nan")) for r in rows]
-        ax.plot(steps, values, lw=0.8, alpha=0.5)
-        window = max(1, len(values) // 10)
-        if window > 1:
-            smooth = torch.tensor(values).unfold(0, window, 1).mean(-1).tolist()
-            ax.plot(steps[window - 1:], smooth, lw=1.6)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the job
 
@@ -364,7 +333,6 @@ def run_world_job(cfg: WorldTrainConfig) -> dict:
             before_v = sample_row(gen, gen.denoiser, prompts, teacher[before_label]["row"], w.eval_seeds)
         pairs = torch.stack([before_v, student_videos[after_label]], dim=1).flatten(0, 1)  # before_i, after_i, ...
         save_video_grid(pairs, os.path.join(cfg.output_dir, "before_after.gif"), fps=4, ncol=2)
-        plot_curves(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "curves.png"))
         result.update({"before": teacher[before_label]["mean"], "after": student[after_label]["mean"],
                        "before_row": before_label, "after_row": after_label,
                        "report": os.path.join(cfg.output_dir, "report.json")})
