@@ -140,13 +140,168 @@ def test_sinkhorn_public_api_batch_dims_and_half_precision():
     rows = torch.ones(2, 2, 4, dtype=torch.bool, device=DEVICE)
     rows[..., -1] = False
     kw = dict(eps=0.05, mass=0.9, max_iter=15, tol=0.0, row_mask=rows)
-    plan = sinkhorn_unbalanced(cost, backend="triton", **kw)
+    plan = sinkhorn_unbalanced(cost, backend="triton", kernel_dtype="float32", **kw)
     ref = sinkhorn_unbalanced(cost.double(), backend="reference", **kw)
     assert plan.shape == cost.shape and plan.dtype == torch.float32
     assert _rel(plan, ref) < 1e-5
+    # The default kernel_dtype="auto" stores float16 at m = 0.9 (bound 8.8e-3, docs/numerics.md).
+    auto = sinkhorn_unbalanced(cost, backend="triton", **kw)
+    assert 1e-5 < _rel(auto, ref) < 8.8e-3
     half = sinkhorn_unbalanced(cost.bfloat16(), backend="triton", **kw)
     assert half.dtype == torch.bfloat16
     assert _rel(half, ref) < 2e-2  # bf16 output rounding (the solve runs in float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit kernel storage (kernel_dtype), on chip and streamed
+
+KERNEL16_CASES = [
+    # (P, N, M, eps, mass, max_iter, tol, masked, span): cost entries in [0, span), or [1, 1 - span) if span < 0
+    (2, 7, 37, 0.05, 0.9, 40, 0.0, True, 1.0),  # odd shape, padding both sides
+    (2, 33, 301, 0.05, 0.8, 25, 0.0, True, 1.0),  # rows past a power of two
+    (2, 1, 20, 0.05, 0.5, 20, 0.0, False, 1.0),  # N = 1
+    (2, 5, 45, 0.05, 0.9, 40, 0.0, True, 1.035),  # T = 20.7: float16's smallest entries at its normal limit
+    (2, 6, 33, 0.05, 0.9, 150, 1e-6, True, 1.0),  # early stop, per problem
+    (2, 4, 19, 0.05, 0.01, 15, 0.0, True, 1.0),  # almost no transport
+    (2, 6, 26, 0.05, 0.9, 30, 0.0, True, -1.0),  # costs in [1, 2): min C / eps = 20, plan entries ~1e-9
+]
+
+
+def _plan_entry_error(plan, ref, valid) -> float:
+    """max |P/P* - 1| over the valid entries (the quantity docs/numerics.md bounds)."""
+    plan, ref = plan.double().cpu(), ref.cpu()
+    return float(((plan - ref).abs()[valid] / ref[valid]).max())
+
+
+@pytest.mark.parametrize("kernel_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("p,n,m,eps,mass,max_iter,tol,masked,span", KERNEL16_CASES)
+def test_sinkhorn_16bit_kernel_within_documented_bound(kernel_dtype, p, n, m, eps, mass, max_iter, tol, masked, span):
+    """16-bit K (float32 sums and potentials) vs the float64 reference: every plan entry within
+    ``kernel16_plan_error_bound`` (+ the tolerance: with tol > 0 the perturbed iteration may stop a
+    few iterations earlier or later), and really 16-bit (error far above float32 storage's). The
+    sweep is the on-chip one (sinkhorn_path's choice at these sizes); the streaming one differs only
+    in its loads' cache policy (test_sinkhorn_16bit_on_chip_and_streaming_agree_bitwise)."""
+    from pisces_fast.ops.triton.sinkhorn import KERNEL_CODES, kernel16_plan_error_bound, sinkhorn_path
+
+    cost = abs(span) * torch.rand(p, n, m, dtype=torch.float64) + (1.0 if span < 0 else 0.0)
+    rows, cols = _masks(p, n, m) if masked else (torch.ones(p, n, dtype=torch.bool), torch.ones(p, m, dtype=torch.bool))
+    kw = dict(eps=eps, mass=mass, max_iter=max_iter, tol=tol, row_mask=rows, col_mask=cols)
+    ref, _, _, ref_iter = reference.sinkhorn_unbalanced(cost, return_potentials=True, **kw)
+    valid = rows[:, :, None] & cols[:, None, :]
+    c32, r, c = _dev(cost.float(), rows, cols)
+    bound = kernel16_plan_error_bound(mass, kernel_dtype) + 4 * tol
+    plan32 = sinkhorn_forward(c32, r, c, eps, mass, max_iter, tol, kernel_dtype="float32")
+    err32 = _plan_entry_error(plan32, ref, valid)
+    assert sinkhorn_path(n, m, torch.float32, kernel_dtype, mass, eps, DEVICE)["onchip"]
+    plan, n_iter, storage = sinkhorn_forward(c32, r, c, eps, mass, max_iter, tol, kernel_dtype=kernel_dtype,
+                                             return_n_iter=True, return_storage=True)
+    assert plan.dtype == torch.float32 and torch.isfinite(plan).all()
+    assert storage.cpu().tolist() == [KERNEL_CODES[kernel_dtype]] * p
+    assert bool((plan.cpu()[~valid] == 0).all())  # padding carries exactly zero mass
+    err = _plan_entry_error(plan, ref, valid)
+    assert err < bound, (err, bound)
+    if tol == 0.0:
+        assert torch.equal(n_iter.cpu(), ref_iter)
+        if mass >= 0.5:  # the storage's rounding shows (m = 0.01 barely iterates: errors ~ u/100)
+            assert err > 20 * err32, (err, err32)
+
+
+def test_sinkhorn_bfloat16_kernel_at_the_scaling_domains_edge():
+    """bfloat16 keeps float32's exponent range: T ~ 57 (eps = 0.0175, near SCALING_MAX_EXPONENT_FP32 =
+    60, where float16 cannot store the kernel) still runs in 16 bits and within the bound."""
+    from pisces_fast.ops.triton.sinkhorn import KERNEL_CODES, kernel16_plan_error_bound
+
+    cost = torch.rand(2, 5, 70, dtype=torch.float64)
+    rows, cols = _masks(2, 5, 70)
+    kw = dict(eps=0.0175, mass=0.9, max_iter=30, tol=0.0, row_mask=rows, col_mask=cols)
+    ref = reference.sinkhorn_unbalanced(cost, **kw)
+    c32, r, c = _dev(cost.float(), rows, cols)
+    plan, storage = sinkhorn_forward(c32, r, c, 0.0175, 0.9, 30, 0.0, kernel_dtype="bfloat16", return_storage=True)
+    assert storage.cpu().tolist() == [KERNEL_CODES["bfloat16"]] * 2
+    valid = rows[:, :, None] & cols[:, None, :]
+    assert _plan_entry_error(plan, ref, valid) < kernel16_plan_error_bound(0.9, "bfloat16")
+
+
+def test_sinkhorn_16bit_on_chip_and_streaming_agree_bitwise():
+    """The on-chip path differs from the streaming one only in where the operand is cached."""
+    cost = torch.rand(2, 9, 70, device=DEVICE)
+    a = sinkhorn_forward(cost, None, None, 0.05, 0.9, 30, 0.0, kernel_dtype="float16", onchip=True)
+    b = sinkhorn_forward(cost, None, None, 0.05, 0.9, 30, 0.0, kernel_dtype="float16", onchip=False)
+    assert torch.equal(a, b)
+
+
+def test_sinkhorn_16bit_per_problem_choice_and_refusals():
+    """auto: float16 per problem only where it applies (scaling domain, T <= 20.79), else float32 —
+    recorded per problem; an explicit 16-bit request a problem cannot honour is a ValueError."""
+    from pisces_fast.ops.triton.sinkhorn import KERNEL_CODES
+
+    base = torch.rand(3, 6, 29, dtype=torch.float64)
+    cost = torch.stack([base[0], 1.5 * base[1], 0.05 * base[2] / 1e-3])  # T ~ 20, ~30 (scaling), ~1000 (log)
+    rows, cols = _masks(3, 6, 29)
+    kw = dict(eps=0.05, mass=0.9, max_iter=40, tol=0.0, row_mask=rows, col_mask=cols)
+    ref = reference.sinkhorn_unbalanced(cost, **kw)
+    c32, r, c = _dev(cost.float(), rows, cols)
+    plan, storage = sinkhorn_forward(c32, r, c, 0.05, 0.9, 40, 0.0, kernel_dtype="auto", return_storage=True)
+    assert storage.cpu().tolist() == [KERNEL_CODES["float16"], KERNEL_CODES["float32"], KERNEL_CODES["float32"]]
+    valid = rows[:, :, None] & cols[:, None, :]
+    assert _plan_entry_error(plan[:1], ref[:1], valid[:1]) < 8.8e-3
+    assert _rel(plan[1:], ref[1:]) < 1e-5  # the float32 paths, exact to float32 rounding
+    plan, storage = sinkhorn_forward(c32[:2], r[:2], c[:2], 0.05, 0.9, 40, 0.0, kernel_dtype="bfloat16",
+                                     return_storage=True)
+    assert storage.cpu().tolist() == [KERNEL_CODES["bfloat16"]] * 2  # bfloat16 has float32's exponent range
+    with pytest.raises(ValueError, match=r"kernel_dtype='float16' needs \(max C - min C\)/eps <= 20.79.*problem 1"):
+        sinkhorn_forward(c32, r, c, 0.05, 0.9, 40, 0.0, kernel_dtype="float16")
+    with pytest.raises(ValueError, match="kernel_dtype='bfloat16' needs the scaling-domain iteration.*problem 2"):
+        sinkhorn_forward(c32, r, c, 0.05, 0.9, 40, 0.0, kernel_dtype="bfloat16")
+    with pytest.raises(ValueError, match="needs float32 inputs"):
+        sinkhorn_forward(c32.double(), r, c, 0.05, 0.9, 40, 0.0, kernel_dtype="float16")
+    with pytest.raises(ValueError, match="scaling domain only"):
+        tb.sinkhorn_unbalanced(c32, eps=0.05, mass=0.9, max_iter=1, tol=0.0, domain="log", kernel_dtype="bfloat16")
+    # auto keeps float32 where the bound exceeds 1e-2 (m = 0.95) and for float64 inputs
+    for mass, x in ((0.95, c32), (0.9, c32.double())):
+        _, storage = sinkhorn_forward(x[:1], r[:1], c[:1], 0.05, mass, 5, 0.0, kernel_dtype="auto", return_storage=True)
+        assert storage.cpu().tolist() == [KERNEL_CODES["float32"]]
+    q = torch.rand(1, 1, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="ot_attention cannot store the kernel matrix as kernel_dtype='float16'"):
+        tb.ot_attention(q, q, q, torch.zeros(2, device=DEVICE), torch.zeros(2, 2, device=DEVICE), gamma=0.2, eta=0.2,
+                        eps=0.05, mass=0.9, max_iter=1, tol=0.0, fuse_eps=1e-8, scale=1.0, kernel_dtype="float16")
+
+
+def test_sinkhorn_16bit_public_api():
+    cost = torch.rand(2, 3, 5, 31, device=DEVICE)
+    kw = dict(eps=0.05, mass=0.9, max_iter=30, tol=0.0)
+    ref = sinkhorn_unbalanced(cost.double(), backend="reference", **kw)
+    for kd, bound in (("bfloat16", 7.3e-2), ("float16", 8.8e-3)):
+        plan = sinkhorn_unbalanced(cost, backend="triton", kernel_dtype=kd, **kw)
+        assert plan.shape == cost.shape and 1e-5 < _rel(plan, ref) < bound
+
+
+def test_sinkhorn_on_chip_decision():
+    """The on-chip path is chosen from the footprint, explicitly: the paper shape fits sm_90's budget
+    and not sm_80's; wider problems stream; float32 storage never claims it."""
+    from pisces_fast.ops.triton import sinkhorn as sk
+
+    cpu = torch.device("cpu")
+    paper = sk.sinkhorn_path(40, 2049, torch.float32, "auto", 0.9, 0.05, cpu)
+    assert paper == dict(kernel16="float16", onchip=True, footprint=40 * 2176 * 2 + 2 * 2176 * 4)
+    assert paper["footprint"] > sk.ONCHIP_BYTES[8]
+    assert sk.sinkhorn_path(40, 4097, torch.float32, "bfloat16", 0.9, 0.05, cpu)["onchip"] is False
+    assert sk.sinkhorn_path(40, 2049, torch.float32, "float32", 0.9, 0.05, cpu)["onchip"] is False
+    assert sk.sinkhorn_path(40, 2049, torch.float32, "auto", 1.0, 0.05, cpu)["kernel16"] is None  # balanced: no bound
+
+
+def test_kernel16_bound_is_the_cpp_backends():
+    from pisces_fast.ops.triton.sinkhorn import kernel16_plan_error_bound, unbalanced_exponent
+
+    if "cpp" not in available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    from pisces_fast.ops import cpp
+
+    for mass in (0.01, 0.5, 0.9, 0.95, 1.0):
+        for kd in ("float32", "bfloat16", "float16"):
+            want = cpp.kernel16_plan_error_bound(mass, kd)
+            got = kernel16_plan_error_bound(unbalanced_exponent(0.05, mass), kd)
+            assert got == pytest.approx(want, rel=1e-12) or (math.isinf(got) and math.isinf(want))
 
 
 def test_sinkhorn_is_deterministic():
@@ -421,6 +576,25 @@ def test_sinkhorn_large_batch_on_gpu():
     kw = dict(eps=0.05, mass=0.9, max_iter=100, tol=1e-6, row_mask=rows, col_mask=cols)
     ref = sinkhorn_unbalanced(cost, backend="reference", **kw)
     assert _rel(sinkhorn_unbalanced(cost, backend="triton", **kw), ref) < 1e-9
-    assert _rel(sinkhorn_unbalanced(cost.float(), backend="triton", **kw), ref) < 1e-4
+    assert _rel(sinkhorn_unbalanced(cost.float(), backend="triton", kernel_dtype="float32", **kw), ref) < 1e-4
+
+
+@gpu_only
+def test_sinkhorn_16bit_on_chip_paper_shape_on_gpu():
+    """The paper shape through the on-chip and the streaming 16-bit sweeps: within the documented
+    bound of the float64 reference, and bitwise equal to each other (only the cache policy differs)."""
+    from pisces_fast.ops.triton.sinkhorn import kernel16_plan_error_bound, sinkhorn_path
+
+    cost = torch.rand(16, 40, 2049, device="cuda", dtype=torch.float64)
+    rows, cols = _masks(16, 40, 2049)
+    rows, cols = rows.cuda(), cols.cuda()
+    ref = reference.sinkhorn_unbalanced(cost, eps=0.05, mass=0.9, max_iter=100, tol=0.0, row_mask=rows, col_mask=cols)
+    valid = (rows[:, :, None] & cols[:, None, :]).cpu()
+    print(sinkhorn_path(40, 2049, torch.float32, "float16", 0.9, 0.05, cost.device))
+    for kd in ("float16", "bfloat16"):
+        on = sinkhorn_forward(cost.float(), rows, cols, 0.05, 0.9, 100, 0.0, kernel_dtype=kd, onchip=True)
+        off = sinkhorn_forward(cost.float(), rows, cols, 0.05, 0.9, 100, 0.0, kernel_dtype=kd, onchip=False)
+        assert torch.equal(on, off)
+        assert _plan_entry_error(on, ref, valid) < kernel16_plan_error_bound(0.9, kd)
 
 # Compilation for sm_80 / sm_90a without a GPU (registers, spills, shared memory): tests/test_triton_compile.py.

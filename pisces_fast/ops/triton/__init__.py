@@ -93,7 +93,7 @@ def ot_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_dtype(name, t)
     _ops.domain_code(domain)
-    _ops.check_kernel_dtype(kernel_dtype)
+    _ops.check_attention_kernel_dtype(kernel_dtype)
     out, plan, *_ = torch.ops.pisces_fast.triton_ot_attention(
         q, k, v, frame_idx, coords, key_padding_mask, query_padding_mask,
         float(gamma), float(eta), float(eps), float(mass), int(max_iter), float(tol), float(fuse_eps), float(scale),

@@ -2,7 +2,8 @@
 
 ``python -m pisces_fast.ops.triton.compile_report [--arch 80 90] [--shape paper|max]`` prints, per kernel:
 registers per thread, spill stores/loads (bytes), shared memory, and the SASS instruction count of
-the kernel's innermost hot loop (the Sinkhorn sweep's per-tile body for the solvers). It is what
+the kernel's innermost hot loop (the Sinkhorn sweep's per-tile body for the solvers) and, for the
+on-chip 16-bit Sinkhorn, of the sweep whose loads keep the operand in L1 (``LDG.E.EL``). It is what
 tests/test_triton_compile.py asserts on (no spills) and what benchmarks/RESULTS.md quotes.
 
 Must run **without** ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` does not build
@@ -39,6 +40,9 @@ class KernelReport:
     spill_loads: int
     shared: int
     loop_instructions: Optional[int]  # SASS instructions of the innermost hot loop body (one trip)
+    # The on-chip Sinkhorn kernels: SASS instructions of one trip of the sweep whose tile loads carry the
+    # L1 evict-last policy (``LDG.E.EL``): None where no loop has such loads.
+    onchip_loop_instructions: Optional[int] = None
 
     @property
     def spills(self) -> int:
@@ -81,9 +85,16 @@ def innermost_loop_instructions(cubin: bytes) -> Optional[int]:
     backward branch, at least 32 instructions), the one with the most floating-point instructions.
     For the solvers this is the sweep (a trip covers two tiles), for the dot-product kernels their
     key / query loop."""
+    return _loop_counts(cubin)[0]
+
+
+def _loop_counts(cubin: bytes):
+    """(hot loop, on-chip sweep) instruction counts: the first as ``innermost_loop_instructions``; the
+    second of the innermost loop whose global loads carry the L1 evict-last policy (``LDG.E.EL``), the
+    on-chip Sinkhorn sweep (sinkhorn._load_tile with RESIDENT), None where there is none."""
     cuobjdump = _tool("cuobjdump")
     if not os.path.exists(cuobjdump):
-        return None
+        return None, None
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as fh:
@@ -103,10 +114,11 @@ def innermost_loop_instructions(cubin: bytes) -> Optional[int]:
     loops = [lp for lp in loops if len(body(lp)) >= 32]
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     if not innermost:
-        return None
+        return None, None
     hot = max(innermost, key=lambda lp: sum(op.startswith(("F", "MUFU", "HMMA", "DMMA", "DFMA", "DADD", "DMUL"))
                                             for op in body(lp)))
-    return len(body(hot))
+    resident = [lp for lp in innermost if any(op.startswith("LDG") and ".EL" in op for op in body(lp))]
+    return len(body(hot)), (len(body(resident[0])) if resident else None)
 
 
 def _build(fn, args: dict, consts: dict, arch: int, num_warps: int, **options):
@@ -139,10 +151,19 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
     common = dict(HAS_KPM=True, HAS_QPM=True)
     specs = []
     sbn, sbm, sw = sk.sinkhorn_blocks(n, m, dtype, dev)
-    specs.append(("sinkhorn", sk._sinkhorn_kernel,
-                  {**f("COST", "PLAN", "SCRATCH", "GBUF"), "RM": "*u8", "CM": "*u8", **f("PARAMS"),
-                   "N_ITER": "*i32", "COUNTER": "*i32", **i32("P", "N", "M", "MS", "max_iter")},
-                  dict(HAS_RM=True, HAS_CM=True, DOMAIN=0, BN=sbn, BM=sbm, FAST_LOG=sk.fast_log(dtype, dev)), sw, persistent_launch_options(dev, sw)))
+    sk_sig = lambda scratch16: {**f("COST", "PLAN", "SCRATCH"), "SCRATCH16": scratch16, **f("GBUF"),  # noqa: E731
+                                "RM": "*u8", "CM": "*u8", **f("PARAMS"), "N_ITER": "*i32", "STORAGE": "*i32",
+                                "COUNTER": "*i32", **i32("P", "N", "M", "MS", "max_iter")}
+    sk_consts = dict(HAS_RM=True, HAS_CM=True, DOMAIN=0, BN=sbn, BM=sbm, FAST_LOG=sk.fast_log(dtype, dev))
+    specs.append(("sinkhorn", sk._sinkhorn_kernel, sk_sig("*" + dts), dict(sk_consts, K16=0, RESIDENT=False), sw,
+                  persistent_launch_options(dev, sw)))
+    # The 16-bit kernel storage (kernel_dtype="auto" picks float16 at the paper's m = 0.9), on chip
+    # (L1-resident loads) as sinkhorn_path picks it for the paper shape on sm_90, and bfloat16.
+    if dtype == torch.float32:
+        for name, code, ty in (("sinkhorn_fp16_onchip", sk.KERNEL_FP16.value, "*fp16"),
+                               ("sinkhorn_bf16_onchip", sk.KERNEL_BF16.value, "*bf16")):
+            specs.append((name, sk._sinkhorn_kernel, sk_sig(ty), dict(sk_consts, K16=code, RESIDENT=True), sw,
+                          persistent_launch_options(dev, sw)))
     cfg = at._blocks(n, m, d, d, dtype, dev)
     bn, bd = cfg["bn"], cfg["bd"]
     n_blocks = -(-n // bn)
@@ -184,18 +205,20 @@ def report(arch: int, shape: str, only: Optional[List[str]] = None, sass: bool =
             continue
         kernel = _build(fn, sig, consts, arch, warps, **options)
         stats = _ptxas_verbose(kernel.asm["ptx"], arch)
-        loop = innermost_loop_instructions(kernel.asm["cubin"]) if sass else None
+        loop, onchip = _loop_counts(kernel.asm["cubin"]) if sass else (None, None)
         rows.append(KernelReport(name, f"sm_{arch}{'a' if arch >= 90 else ''}", shared=int(kernel.metadata.shared),
-                                 loop_instructions=loop, **stats))
+                                 loop_instructions=loop, onchip_loop_instructions=onchip, **stats))
     return rows
 
 
 def format_table(rows: List[KernelReport]) -> str:
-    lines = ["| kernel | arch | registers | spill stores / loads (B) | shared memory (B) | hot-loop SASS instructions |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | registers | spill stores / loads (B) | shared memory (B) | hot-loop SASS instructions "
+             "| on-chip sweep SASS instructions |",
+             "|---|---|---|---|---|---|---|"]
+    dash = lambda x: "-" if x is None else x  # noqa: E731
     for r in rows:
         lines.append(f"| {r.name} | {r.arch} | {r.registers} | {r.spill_stores} / {r.spill_loads} | {r.shared} | "
-                     f"{r.loop_instructions if r.loop_instructions is not None else '-'} |")
+                     f"{dash(r.loop_instructions)} | {dash(r.onchip_loop_instructions)} |")
     return "\n".join(lines)
 
 
@@ -215,7 +238,8 @@ def main(argv=None) -> int:
             for r in got:
                 r.name = f"{r.name} ({shape})"
                 print(f"{r.name:32s} {r.arch:6s} regs={r.registers:3d} spill={r.spill_stores}/{r.spill_loads} "
-                      f"smem={r.shared} loop={r.loop_instructions}", flush=True)
+                      f"smem={r.shared} loop={r.loop_instructions} onchip_loop={r.onchip_loop_instructions}",
+                      flush=True)
             rows += got
     print(format_table(rows))
     return 1 if any(r.spills for r in rows) else 0

@@ -21,8 +21,11 @@ from .sinkhorn import sinkhorn_forward
 # OTConfig.domain -> the kernels' code (0 = per-problem choice, 1 = force the log domain). The kernels
 # cannot force the scaling domain: "scaling" is refused, never silently replaced.
 DOMAIN_CODES = {"auto": 0, "log": 1}
-# OTConfig.kernel_dtype values the kernels honour (storage of the scaling-domain operand).
-KERNEL_DTYPES = ("auto", "float32")
+# OTConfig.kernel_dtype values the kernels honour (storage of the scaling-domain operand): the standalone
+# solver stores it in 16 bits too (sinkhorn.sinkhorn_path); the fused attention's solve keeps float32
+# ("auto" = float32 there).
+KERNEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_KERNEL_DTYPES = ("auto", "float32")
 
 
 def domain_code(domain: str) -> int:
@@ -35,12 +38,17 @@ def domain_code(domain: str) -> int:
         ) from None
 
 
-def check_kernel_dtype(kernel_dtype: str) -> str:
-    if kernel_dtype not in KERNEL_DTYPES:
+def check_kernel_dtype(kernel_dtype: str, supported: tuple = KERNEL_DTYPES, op: str = "sinkhorn_unbalanced") -> str:
+    if kernel_dtype not in supported:
         raise ValueError(
-            f"backend='triton' cannot store the kernel matrix as kernel_dtype={kernel_dtype!r} (supported: {KERNEL_DTYPES})"
+            f"backend='triton' {op} cannot store the kernel matrix as kernel_dtype={kernel_dtype!r} "
+            f"(supported: {supported})"
         )
     return kernel_dtype
+
+
+def check_attention_kernel_dtype(kernel_dtype: str) -> str:
+    return check_kernel_dtype(kernel_dtype, ATTENTION_KERNEL_DTYPES, "ot_attention")
 
 
 @torch.library.custom_op("pisces_fast::triton_sinkhorn", mutates_args=())
@@ -56,7 +64,8 @@ def triton_sinkhorn(
     kernel_dtype: str = "auto",
 ) -> Tensor:
     check_kernel_dtype(kernel_dtype)
-    return sinkhorn_forward(cost, row_mask, col_mask, eps, mass, max_iter, tol, domain_code(domain))
+    return sinkhorn_forward(cost, row_mask, col_mask, eps, mass, max_iter, tol, domain_code(domain),
+                            kernel_dtype=kernel_dtype)
 
 
 @triton_sinkhorn.register_fake
@@ -85,7 +94,7 @@ def triton_ot_attention(
     domain: str = "auto",
     kernel_dtype: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_kernel_dtype(kernel_dtype)
+    check_attention_kernel_dtype(kernel_dtype)
     return ot_attention_forward(
         q, k, v, frame_idx, coords, key_padding_mask, query_padding_mask,
         gamma, eta, eps, mass, max_iter, tol, fuse_eps, scale, return_plan, domain_code(domain),

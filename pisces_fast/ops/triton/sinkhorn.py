@@ -88,6 +88,19 @@ P_TOL = tl.constexpr(2)
 P_SCALING_MAX = tl.constexpr(3)
 N_SOLVER_PARAMS = 4
 
+# Kernel storage codes (as pisces_fast.ops.cpp.KERNEL_DTYPES / csrc KernelStorage): what STORAGE records.
+KERNEL_NATIVE = tl.constexpr(1)
+KERNEL_BF16 = tl.constexpr(2)
+KERNEL_FP16 = tl.constexpr(3)
+KERNEL_CODES = {"float32": 1, "bfloat16": 2, "float16": 3}
+# float16 storage (as the cpp backend, docs/numerics.md "16-bit kernel storage"): K' in [e^-T, 1] times
+# 65504 stays >= 2^-14, the smallest normal float16, iff T <= ln(65504 * 2^14) = 20.79.
+FLOAT16_SCALE = tl.constexpr(65504.0)
+LOG_FLOAT16_SCALE = tl.constexpr(11.089866488461016)  # ln 65504
+FLOAT16_MAX_RANGE = tl.constexpr(20.79)
+# kernel_dtype="auto" stores float16 only where the a-priori plan error bound is <= this.
+KERNEL16_AUTO_PLAN_RTOL = 1e-2
+
 DOMAIN_AUTO = tl.constexpr(0)
 DOMAIN_LOG = tl.constexpr(1)
 DOMAIN_SCALING = tl.constexpr(2)  # only valid when every problem's range / eps <= the scaling max
@@ -112,12 +125,32 @@ def _log(x, FAST_LOG: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(KS, rows, offs, RESIDENT: tl.constexpr, OFFSETS_LAST: tl.constexpr):
+    """The sweep tile ``KS[rows + offs]``; RESIDENT: kept in the SM's L1 across sweeps: a plain global
+    load (cached in L1 on sm_70+) with the ``L1::evict_last`` policy (ptxas refuses it together with an
+    explicit ``.ca``). OFFSETS_LAST (the 16-bit kernels): the int32 offsets go onto the base pointer
+    last; otherwise the compiler hoists a 64-bit pointer per tile row out of the persistent loop,
+    which spilled 24 B on sm_80 there (two sweeps, each with its own hoisted pointers). The float32
+    kernels keep the hoisted pointers: 3 % fewer instructions per sweep trip, and no spills."""
+    if OFFSETS_LAST:
+        ptrs = KS + (rows + offs[None, :])
+    else:
+        ptrs = KS + rows + offs[None, :]
+    if RESIDENT:
+        return tl.load(ptrs, eviction_policy="evict_last")
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _sweep_tile(tile, offs_m, G, cur, MS, w, a0, c_v, log_nu, tau, dvv, acc, m2, SCALING: tl.constexpr,
                 FAST_LOG: tl.constexpr):
     """One column block of the sweep (see _solve): its new log v from the column sums (the one
     cross-thread reduction per tile) into G[1-cur], |Δlog v| element-wise into ``dvv``, and the
     tile's contribution to the next row sums element-wise into ``acc`` (and ``m2``, the log
-    domain's element-wise running max). ``w``: the row weights (scaling) or log u (log)."""
+    domain's element-wise running max). ``w``: the row weights (scaling) or log u (log). A 16-bit
+    tile (the on-chip kernel storage) is widened here, at use: sums and potentials stay in DT."""
+    tile = tile.to(acc.dtype)
     if SCALING:
         col = tl.reduce(tile * w[:, None], 0, SUM)
         cv = col > 0.0
@@ -143,7 +176,8 @@ def _sweep_tile(tile, offs_m, G, cur, MS, w, a0, c_v, log_nu, tau, dvv, acc, m2,
 
 @triton.jit
 def _solve(KS, G, N, MS, offs_n, rv, log_mu, log_nu, row_lse, tau, LK, shift, tol, max_iter,
-           SCALING: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, FAST_LOG: tl.constexpr):
+           SCALING: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, FAST_LOG: tl.constexpr,
+           RESIDENT: tl.constexpr = False, OFFSETS_LAST: tl.constexpr = False):
     """Algorithm 3's loop for one problem; ``row_lse`` = LSE_j(log K_ij) (the row sums at log v = 0).
 
     ``KS`` (N x MS, row stride MS, a multiple of 2 * BM) holds the operand over the whole padded
@@ -168,18 +202,26 @@ def _solve(KS, G, N, MS, offs_n, rv, log_mu, log_nu, row_lse, tau, LK, shift, to
     j+1 are in flight during the arithmetic of tile j, wrapping around to the next iteration's first
     tile. (``tl.reduce`` rather than ``tl.sum``: the Triton interpreter pays ~1 ms per device-function
     call; ``_sweep_tile`` costs two calls per pair of tiles.)
+
+    ``RESIDENT`` (the on-chip 16-bit path, see ``_sinkhorn_kernel``): the operand's loads are cached in
+    the SM's L1 with the ``L1::evict_last`` policy, so that once the first sweep has brought
+    the program's operand in, every later sweep reads it from the SM instead of L2/HBM.
     """
     # Unmasked loads: padding rows re-read the last real row (their weights are 0 / NEG, so they add
     # nothing to the column sums, and their row sums are discarded), and MS is a multiple of 2 * BM.
     rows = (tl.minimum(offs_n, N - 1) * MS)[:, None]
     offs_b = tl.arange(0, BM)
+    if KS.dtype.element_ty.primitive_bitwidth == 16:
+        # 16-bit operand: 4 elements (8 bytes) per load, so the tiles get float32's register layout
+        # (with 16-byte loads Triton lays 8 per thread and the column sums need 2.5x the shuffles).
+        offs_b = tl.max_contiguous(offs_b, 4)
     f = tl.full((BN,), 0.0, DT)
     fn = tl.where(rv, tau * (log_mu - row_lse), 0.0)
     cur = 0
     it = 0
     done = 0
     # Tiles are loaded one ahead, two per trip (t0 is loop-carried, t1 local), so no register copies.
-    t0 = tl.load(KS + rows + offs_b[None, :])
+    t0 = _load_tile(KS, rows, offs_b, RESIDENT, OFFSETS_LAST)
     while (it < max_iter) & (done == 0):
         if SCALING:
             fmax = tl.reduce(tl.where(rv, fn, NEG), 0, MAX)
@@ -195,11 +237,11 @@ def _solve(KS, G, N, MS, offs_n, rv, log_mu, log_nu, row_lse, tau, LK, shift, to
         dvv = tl.full((BM,), 0.0, DT)
         for j0 in tl.range(0, MS, 2 * BM, num_stages=1):
             offs_1 = j0 + BM + offs_b
-            t1 = tl.load(KS + rows + offs_1[None, :])
+            t1 = _load_tile(KS, rows, offs_1, RESIDENT, OFFSETS_LAST)
             dvv, acc, m2 = _sweep_tile(t0, j0 + offs_b, G, cur, MS, w, a0, c_v, log_nu, tau, dvv, acc, m2, SCALING, FAST_LOG)
             j2 = j0 + 2 * BM
             offs_2 = tl.where(j2 < MS, j2, 0) + offs_b  # wraps around to the next iteration's first tile
-            t0 = tl.load(KS + rows + offs_2[None, :])
+            t0 = _load_tile(KS, rows, offs_2, RESIDENT, OFFSETS_LAST)
             dvv, acc, m2 = _sweep_tile(t1, offs_1, G, cur, MS, w, a0, c_v, log_nu, tau, dvv, acc, m2, SCALING, FAST_LOG)
         if SCALING:
             row_lse = LK + c_v + tl.log(tl.reduce(acc, 1, SUM))
@@ -221,11 +263,47 @@ def _solve(KS, G, N, MS, offs_n, rv, log_mu, log_nu, row_lse, tau, LK, shift, to
 
 
 @triton.jit
+def _prepare_scaling(cost, ks, cm, rv, offs_n, in_n, lo, inv_eps, M, MS, HAS_CM: tl.constexpr,
+                     BN: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, K16: tl.constexpr):
+    """Writes the shifted kernel K' = exp(-(C - min C)/ε) in [e^-T, 1] (0 on padding) over the whole
+    padded stride of ``ks`` and returns its row sums (of the *stored* values, so that the first row
+    sums and the sweeps see the same operator). K16: 0 = stored in DT; KERNEL_BF16 = bfloat16
+    (rounded to nearest even, explicitly: the interpreter's cast truncates); KERNEL_FP16 = float16
+    times FLOAT16_SCALE, so every entry of a T <= FLOAT16_MAX_RANGE problem is a normal float16."""
+    r_sum = tl.full((BN,), 0.0, DT)
+    for j0 in range(0, MS, BM):
+        offs_m = j0 + tl.arange(0, BM)
+        in_m = offs_m < M
+        if HAS_CM:
+            cv = in_m & (tl.load(cm + offs_m, mask=in_m, other=0) != 0)
+        else:
+            cv = in_m
+        valid = rv[:, None] & cv[None, :]
+        ct = tl.load(cost + offs_n[:, None] * M + offs_m[None, :], mask=valid, other=0.0)
+        kt = tl.where(valid, tl.exp((lo - ct) * inv_eps), 0.0)
+        st_m = offs_m
+        if K16 != 0:
+            st_m = tl.max_contiguous(offs_m, 4)  # float32's layout for the stores too (see _solve)
+        if K16 == KERNEL_BF16:
+            bits = kt.to(tl.float32).to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # round to nearest even; kt >= 0, finite
+            kq = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: already a bfloat16 value
+        elif K16 == KERNEL_FP16:
+            kq = (kt.to(tl.float32) * FLOAT16_SCALE).to(tl.float16)
+        else:
+            kq = kt
+        tl.store(ks + offs_n[:, None] * MS + st_m[None, :], kq, mask=in_n[:, None] & (offs_m < MS)[None, :])
+        r_sum += tl.reduce(kq.to(DT), 1, SUM)
+    return r_sum
+
+
+@triton.jit
 def _sinkhorn_kernel(
-    COST, PLAN, SCRATCH, GBUF, RM, CM, PARAMS, N_ITER, COUNTER,
+    COST, PLAN, SCRATCH, SCRATCH16, GBUF, RM, CM, PARAMS, N_ITER, STORAGE, COUNTER,
     P, N, M, MS, max_iter,
     HAS_RM: tl.constexpr, HAS_CM: tl.constexpr, DOMAIN: tl.constexpr,
     BN: tl.constexpr, BM: tl.constexpr, FAST_LOG: tl.constexpr,
+    K16: tl.constexpr = 0, RESIDENT: tl.constexpr = False,
 ):
     """Persistent solver: each program takes problems from an atomic counter until none is left.
 
@@ -236,6 +314,30 @@ def _sinkhorn_kernel(
     DOMAIN: DOMAIN_AUTO picks per problem from the cost range; DOMAIN_LOG / DOMAIN_SCALING force
     one path (tests exercise the log domain at moderate ε; the forced scaling variant is only for
     costs whose range is known to be small).
+
+    K16 (0, KERNEL_BF16 or KERNEL_FP16): the 16-bit kernel storage. A scaling-domain problem (and,
+    for float16, one with T <= FLOAT16_MAX_RANGE) stores K' in 16 bits in ``SCRATCH16`` and sweeps it
+    widened to float32 (sums and potentials float32, the plan from the exact cost); the others take
+    the exact log domain. ``STORAGE[p]`` records what problem p used (KERNEL_NATIVE / KERNEL_BF16 /
+    KERNEL_FP16), so that the host can refuse a requested 16-bit storage that was not honoured.
+
+    Traffic model of the 16-bit path (paper shape 40 x 2049, padded stride 2176, H100 SXM, 132 SMs,
+    1.755 GHz; not measured: no GPU has been lent):
+
+    * bytes per problem-iteration: the operand once, 40 x 2176 x 2 B = 174 KB (float32: 348 KB), plus
+      the log v ping-pong (read + write of 2176 x 4 B, 17 KB);
+    * streaming (``RESIDENT`` off): 640 x 191 KB = 122 MB per iteration for 640 problems, 37 us from
+      HBM at 3.35 TB/s (float32: 223 MB, 67 us); the floor (one 16-bit read of the 52.5 M entries)
+      is 105 MB, 31 us;
+    * on chip (``RESIDENT``, picked when the 191 KB fit ``ONCHIP_BYTES`` of the SM's L1/shared SRAM):
+      after the first sweep nothing comes from L2/HBM; the floor is the issue rate of 2 FMA per entry,
+      40 x 2049 x 2 / 128 lanes = 1.28 K cycles per problem-iteration, 5 rounds of 132 programs =
+      3.6 us per iteration, 0.36 ms per 100 iterations (issue 13 estimates 0.45 ms);
+    * as compiled (compile_report, sm_90a, float16): 374 SASS instructions per thread per 128
+      columns, 17 trips = 6.4 K per problem-iteration; 8 warps on 4 schedulers issue one per cycle
+      each, so ~12.7 K cycles = 7.2 us per problem-iteration, 5 rounds of 132 programs = 36 us per
+      iteration, 3.6 ms per 100 iterations: issue-bound, ~8x the 0.45 ms floor (float32 from HBM:
+      67 us per iteration; from L2 ~40 us). docs/triton.md says where the instructions go.
     """
     slot = tl.program_id(0).to(tl.int64)
     DT: tl.constexpr = COST.dtype.element_ty
@@ -297,25 +399,40 @@ def _sinkhorn_kernel(
             use_scaling = True
         else:
             use_scaling = (T <= scaling_max) & ((1.0 + tau) * T + tau * tl.log(n_rows) + 2.0 * tl.log(n_valid_cols) <= budget)
-        if use_scaling:
+        # A 16-bit launch has no float32 scaling sweep: a problem the 16-bit storage does not apply to
+        # takes the exact log domain (rare: T in (20.79, 60] for float16), which keeps the kernel at
+        # two sweeps and ptxas from spilling (a third spilled 24 B on sm_80).
+        if K16 == KERNEL_FP16:
+            use16 = use_scaling & (T <= FLOAT16_MAX_RANGE)
+            log_s = LOG_FLOAT16_SCALE
+            use_scaling32 = False
+        elif K16 == KERNEL_BF16:
+            use16 = use_scaling
+            log_s = 0.0
+            use_scaling32 = False
+        else:
+            use16 = False
+            log_s = 0.0
+            use_scaling32 = use_scaling
+        if use16:
+            # 16-bit K'' = s K' (row stride MS, so the sweeps' loads vectorize). log K = log K'' + LK - log s;
+            # the weights' shift grows by log s so the row sums of K'' stay where those of K' were
+            # (T <= FLOAT16_MAX_RANGE leaves the SCALING_BUDGET ~90 to spare for the s^-(1+τ) below).
+            r_sum = _prepare_scaling(cost, SCRATCH16 + slot * N * MS, cm, rv, offs_n, in_n, lo, inv_eps, M, MS,
+                                     HAS_CM, BN, BM, DT, K16)
+            tl.debug_barrier()
+            f, cur, n_iter = _solve(SCRATCH16 + slot * N * MS, g_buf, N, MS, offs_n, rv, log_mu, log_nu,
+                                    LK - log_s + tl.log(r_sum), tau, LK - log_s, shift + log_s, tol, max_iter,
+                                    True, BN, BM, DT, FAST_LOG, RESIDENT, True)
+            tl.store(STORAGE + pid, K16)
+        elif use_scaling32:
             # Shifted kernel K' = exp(-(C - min C)/eps) in [e^-T, 1] into the scratch (row stride MS,
             # a multiple of 16 elements, so the sweeps' loads vectorize), and the first row sums.
-            r_sum = tl.full((BN,), 0.0, DT)
-            for j0 in range(0, MS, BM):
-                offs_m = j0 + tl.arange(0, BM)
-                in_m = offs_m < M
-                if HAS_CM:
-                    cv = in_m & (tl.load(cm + offs_m, mask=in_m, other=0) != 0)
-                else:
-                    cv = in_m
-                valid = rv[:, None] & cv[None, :]
-                ct = tl.load(cost + offs_n[:, None] * M + offs_m[None, :], mask=valid, other=0.0)
-                kt = tl.where(valid, tl.exp((lo - ct) * inv_eps), 0.0)
-                tl.store(ks + offs_n[:, None] * MS + offs_m[None, :], kt, mask=in_n[:, None] & (offs_m < MS)[None, :])
-                r_sum += tl.reduce(kt, 1, SUM)
+            r_sum = _prepare_scaling(cost, ks, cm, rv, offs_n, in_n, lo, inv_eps, M, MS, HAS_CM, BN, BM, DT, 0)
             tl.debug_barrier()
             f, cur, n_iter = _solve(ks, g_buf, N, MS, offs_n, rv, log_mu, log_nu, LK + tl.log(r_sum), tau,
                                     LK, shift, tol, max_iter, True, BN, BM, DT, FAST_LOG)
+            tl.store(STORAGE + pid, KERNEL_NATIVE)
         else:
             m_run = tl.full((BN,), NEG, DT)
             s_run = tl.full((BN,), 0.0, DT)
@@ -336,7 +453,8 @@ def _sinkhorn_kernel(
                 m_run = m_new
             tl.debug_barrier()
             f, cur, n_iter = _solve(ks, g_buf, N, MS, offs_n, rv, log_mu, log_nu, m_run + tl.log(s_run), tau,
-                                    LK, shift, tol, max_iter, False, BN, BM, DT, FAST_LOG)
+                                    LK, shift, tol, max_iter, False, BN, BM, DT, FAST_LOG, False, K16 != 0)
+            tl.store(STORAGE + pid, KERNEL_NATIVE)
 
         tl.store(N_ITER + pid, n_iter)
         # plan = exp(log u + log K + log v), as the reference writes it; padding exactly 0 (the
@@ -415,6 +533,115 @@ def _as_u8(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
+def kernel16_plan_error_bound(tau: float, kernel_dtype: str) -> float:
+    """A-priori bound on every plan entry's relative error from storing the kernel in ``kernel_dtype``:
+    ``exp(2 tau delta / (1 - tau)) - 1``, delta = -log(1 - u), u = 2^-8 (bfloat16) / 2^-11 (float16);
+    0 for "float32", inf for balanced OT (tau >= 1). The cpp backend's bound (csrc/sinkhorn.cpp,
+    docs/numerics.md "16-bit kernel storage"), restated here so this backend does not need the C++
+    extension; tests/test_triton_backend.py checks that the two agree."""
+    u = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}.get(kernel_dtype)
+    if u is None:
+        return 0.0
+    if not tau < 1.0:
+        return math.inf
+    return math.expm1(2.0 * tau * -math.log1p(-u) / (1.0 - tau))
+
+
+def kernel16_code(kernel_dtype: str, dtype: torch.dtype, tau: float) -> int:
+    """The launch's 16-bit storage (0 = none, KERNEL_BF16, KERNEL_FP16) for ``kernel_dtype``.
+
+    "auto": float16 for float32 inputs where ``kernel16_plan_error_bound(tau, "float16") <=
+    KERNEL16_AUTO_PLAN_RTOL`` (the cpp backend's rule; the kernel adds the per-problem range check
+    T <= FLOAT16_MAX_RANGE and the scaling domain), else none. An explicit 16-bit request on float64
+    inputs is a ValueError (16-bit storage keeps float32 potentials)."""
+    if kernel_dtype == "float32":
+        return 0
+    if kernel_dtype == "auto":
+        ok = dtype == torch.float32 and kernel16_plan_error_bound(tau, "float16") <= KERNEL16_AUTO_PLAN_RTOL
+        return KERNEL_FP16.value if ok else 0
+    if kernel_dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"kernel_dtype must be one of ('auto', 'float32', 'bfloat16', 'float16'), "
+                         f"got {kernel_dtype!r}")
+    if dtype != torch.float32:
+        raise ValueError(f"kernel_dtype={kernel_dtype!r} needs float32 inputs (16-bit kernel storage keeps float32 "
+                         f"potentials); got {dtype}: use kernel_dtype='float32' or 'auto'")
+    return KERNEL_CODES[kernel_dtype]
+
+
+# Bytes of a program's working set (16-bit operand + float32 log v ping-pong) that the on-chip path
+# keeps in the SM's L1, per compute capability major. L1 and shared memory are one SRAM per SM: 256 KB
+# on sm_90 (H100/H200), 192 KB on sm_80 (A100). The solver needs 4 KB of shared memory (compile_report)
+# and runs one program per SM, so the driver's 8 KB carveout leaves ~248 / ~184 KB of L1; the budget
+# keeps ~15 % of that for the other traffic through L1 (cost reads, plan writes, mask bytes). The paper
+# shape needs 191 KB: on chip on sm_90, streamed (16-bit, from L2) on sm_80.
+#
+# Why L1 and not an explicit shared-memory buffer: Triton's language has no shared-memory allocation
+# (only Gluon does, and Gluon kernels do not run under the interpreter, which is how CI checks every
+# kernel against the float64 reference: "0 active drivers"); CUDA C++ would live in csrc/. A working set
+# below the L1 capacity swept cyclically with evict-last loads is not evicted, so after the first sweep
+# the operand is served by the SM. What is not guaranteed (and cannot be checked without a GPU) is the
+# carveout the driver picks; compile_report checks that the loads carry the policy (LDG.E.EL).
+ONCHIP_BYTES = {9: 208 * 1024, 8: 136 * 1024}
+
+
+def onchip_footprint(n: int, m: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one program keeps live while it sweeps a 16-bit operand (n x padded stride x 2 + log v), at
+    the block sizes of a GPU launch (the interpreter's whole-problem tiles pad differently)."""
+    _, bm, _ = sinkhorn_blocks(n, m, dtype, torch.device("cuda"))
+    ms = padded_stride(m, max(16, 2 * bm))
+    return n * ms * 2 + 2 * ms * 4
+
+
+def onchip_capacity(device: torch.device) -> int:
+    """ONCHIP_BYTES of ``device``'s architecture (0 where unknown). The interpreter models sm_90."""
+    if device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        return ONCHIP_BYTES.get(major, ONCHIP_BYTES[9] if major > 9 else 0)
+    return ONCHIP_BYTES[9]
+
+
+def sinkhorn_path(n: int, m: int, dtype: torch.dtype, kernel_dtype: str, mass: float, eps: float,
+                  device: torch.device) -> dict:
+    """How ``sinkhorn_forward`` runs a launch, decided on the host (no data read):
+
+    * ``kernel16``: the 16-bit storage the scaling-domain problems get ("bfloat16", "float16" or None);
+      per problem the kernel still falls back to float32 where the storage does not apply (log domain,
+      float16 range), and records it (``return_storage``);
+    * ``onchip``: True when the 16-bit operand and log v fit ``onchip_capacity`` (the operand stays in
+      the SM across the solve); False = the streaming sweep (from L2/HBM), chosen explicitly here;
+    * ``footprint``: the bytes that decision compared.
+    """
+    code = kernel16_code(kernel_dtype, dtype, unbalanced_exponent(eps, mass))
+    name = {0: None, KERNEL_BF16.value: "bfloat16", KERNEL_FP16.value: "float16"}[code]
+    foot = onchip_footprint(n, m, dtype)
+    return dict(kernel16=name, onchip=bool(code) and foot <= onchip_capacity(device), footprint=foot)
+
+
+def _raise_unhonoured(storage: torch.Tensor, code: int, kernel_dtype: str, cost, row_mask, col_mask, eps,
+                      tau) -> None:
+    """ValueError if a problem could not store its kernel as the explicitly requested ``kernel_dtype``."""
+    bad = (storage != code).nonzero()
+    if bad.numel() == 0:
+        return
+    p = int(bad[0, 0])
+    c = cost[p].double()
+    valid = torch.ones_like(c, dtype=torch.bool)
+    if row_mask is not None:
+        valid &= row_mask[p].bool()[:, None]
+    if col_mask is not None:
+        valid &= col_mask[p].bool()[None, :]
+    t = float((c[valid].max() - c[valid].min()) / eps)
+    n_valid, m_valid = int(valid.any(1).sum()), int(valid.any(0).sum())
+    if kernel_dtype == "float16" and scaling_domain_ok(t, tau, n_valid, m_valid, cost.dtype):
+        why = f"needs (max C - min C)/eps <= {FLOAT16_MAX_RANGE.value} so every kernel entry is a normal float16"
+        alt = "'bfloat16', 'float32' or 'auto'"
+    else:
+        why = "needs the scaling-domain iteration, but this problem runs in the log domain"
+        alt = "'float32' or 'auto'"
+    raise ValueError(f"kernel_dtype={kernel_dtype!r} {why}; problem {p} has (max C - min C)/eps = {t:.4g}: "
+                     f"use kernel_dtype={alt}")
+
+
 def sinkhorn_forward(
     cost: torch.Tensor,
     row_mask: Optional[torch.Tensor],
@@ -425,33 +652,62 @@ def sinkhorn_forward(
     tol: float,
     domain: int = 0,
     return_n_iter: bool = False,
+    kernel_dtype: str = "float32",
+    onchip: Optional[bool] = None,
+    return_storage: bool = False,
 ):
     """Launch the fused solver on ``cost (P, N, M)``; returns the plan (same dtype), and with
-    ``return_n_iter`` also the per-problem count of accepted updates (int32, like the reference's).
+    ``return_n_iter`` also the per-problem count of accepted updates (int32, like the reference's),
+    with ``return_storage`` the per-problem kernel storage code (KERNEL_NATIVE / KERNEL_BF16 /
+    KERNEL_FP16, int32).
 
     ``domain``: 0 = per-problem choice (default), 1 = force the log domain (tests).
+    ``kernel_dtype``: as OTConfig's (see ``kernel16_code``); "bfloat16" / "float16" that a problem
+    cannot honour is a ValueError after the launch (this reads the P storage codes back: one
+    device-to-host copy, on explicit 16-bit requests only). ``onchip``: None = ``sinkhorn_path``'s
+    choice; True / False force the on-chip / streaming 16-bit sweep (tests, benchmarks).
     """
     if domain not in (0, 1):
         raise ValueError(f"domain must be 0 (auto) or 1 (log), got {domain!r}")
     p, n, m = cost.shape
     check_problem_size("sinkhorn_unbalanced", n)
+    path = sinkhorn_path(n, m, cost.dtype, kernel_dtype, mass, eps, cost.device)
+    k16 = KERNEL_CODES.get(path["kernel16"], 0) if path["kernel16"] else 0
+    if domain == 1 and kernel_dtype in ("bfloat16", "float16"):
+        raise ValueError(f"kernel_dtype={kernel_dtype!r} applies to the scaling domain only; "
+                         "domain='log' has no kernel matrix")
+    if domain == 1:
+        k16 = 0  # no kernel matrix to store ("auto")
+    resident = bool(k16) and (path["onchip"] if onchip is None else bool(onchip))
     cost = cost.contiguous()
     plan = torch.empty_like(cost)
     bn, bm, num_warps = sinkhorn_blocks(n, m, cost.dtype, cost.device)
     ms = padded_stride(m, max(16, 2 * bm))
-    programs = solve_programs(p, cost.device, (n + 2) * ms * cost.element_size())
+    live_bytes = (n * (2 if k16 else cost.element_size()) + 2 * cost.element_size()) * ms  # operand + log v
+    programs = solve_programs(p, cost.device, live_bytes)
     scratch = torch.empty((programs, n, ms), dtype=cost.dtype, device=cost.device)
+    scratch16 = (torch.empty((programs, n, ms), dtype=torch.bfloat16 if k16 == KERNEL_BF16.value else torch.float16,
+                             device=cost.device) if k16 else scratch)
     g_buf = torch.empty((programs, 2, ms), dtype=cost.dtype, device=cost.device)
     n_iter = torch.empty((p,), dtype=torch.int32, device=cost.device)
+    storage = torch.empty((p,), dtype=torch.int32, device=cost.device)
     counter = torch.zeros((1,), dtype=torch.int32, device=cost.device)
     params = solver_params(eps, mass, tol, cost.dtype, cost.device)
     rm, cm = _as_u8(row_mask), _as_u8(col_mask)
     with launch_device(cost.device):
         _sinkhorn_kernel[(programs,)](
-            cost, plan, scratch, g_buf, rm if rm is not None else g_buf, cm if cm is not None else g_buf, params,
-            n_iter, counter,
+            cost, plan, scratch, scratch16, g_buf, rm if rm is not None else g_buf, cm if cm is not None else g_buf,
+            params, n_iter, storage, counter,
             p, n, m, ms, max_iter,
             HAS_RM=rm is not None, HAS_CM=cm is not None, DOMAIN=domain,
-            BN=bn, BM=bm, FAST_LOG=fast_log(cost.dtype, cost.device), num_warps=num_warps, **persistent_launch_options(cost.device, num_warps),
+            BN=bn, BM=bm, FAST_LOG=fast_log(cost.dtype, cost.device), K16=k16, RESIDENT=resident,
+            num_warps=num_warps, **persistent_launch_options(cost.device, num_warps),
         )
-    return (plan, n_iter) if return_n_iter else plan
+    if kernel_dtype in ("bfloat16", "float16"):
+        _raise_unhonoured(storage, k16, kernel_dtype, cost, row_mask, col_mask, eps, unbalanced_exponent(eps, mass))
+    out = (plan,)
+    if return_n_iter:
+        out += (n_iter,)
+    if return_storage:
+        out += (storage,)
+    return out if len(out) > 1 else plan
