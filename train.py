@@ -13,7 +13,13 @@ Overrides use dotted keys (`--optim.lr 1e-5`, `--cd.skip_k 5`); see pisces_fast/
 import os
 import sys
 
-from pisces_fast.training.config import config_from_argv, config_help, parse_overrides
+# OpenMP threads waiting at a barrier sleep instead of spinning: on cores shared with other work (CI, other jobs,
+# several DeepSpeed ranks on one machine) a spinning thread burns the time slice its descheduled peer needs; the
+# main job's CD step on 2 loaded cores took ~7x longer with libgomp's default (benchmarks/RESULTS.md, "Profile of
+# the main job's training step"). libgomp reads this once, when torch loads: set it before the first `import torch`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pisces_fast.training.config import config_from_argv, config_help, parse_overrides  # noqa: E402
 
 # Bad input (config, data, checkpoint files) and a diverged run end with one line naming the file or field and
 # exit code 2 (PISCES_FAST_TRACEBACK=1 shows the traceback instead); anything else keeps its traceback.

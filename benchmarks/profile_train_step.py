@@ -11,15 +11,32 @@ world, the world VLM's quality + semantic rewards, LoRA + EMA, guidance conditio
 * backward, attributed to the forward range whose ops created each autograd node (sequence numbers);
 * optimizer step (+ DeepSpeed's engine step with ``--deepspeed``) and the EMA update.
 
-    python benchmarks/profile_train_step.py [--steps 4] [--threads 2] [--deepspeed configs/ds_zero2.json]
+    python benchmarks/profile_train_step.py [--omp_wait_policy PASSIVE] [--threads 2 1] [--rounds 3] [--steps 2]
+                                            [--deepspeed configs/ds_zero2.json] [--world.ot_map_steps 5 ...]
 
-Prints a table (ms per step and % of the step), writes ``benchmarks/results/profile_train_step.csv`` and a Chrome
-trace (``--trace``). Steps per second are measured without the profiler, on the same trainer.
+RESULTS.md's before/after alternates whole runs: ``--omp_wait_policy unset`` (before), ``PASSIVE`` (after), unset,
+PASSIVE, each with ``--threads 2 1 --rounds 2 --round_steps 2`` (the first with ``--rounds 3``).
+
+The machine these numbers come from is shared, so wall-clock time is not trusted alone: every step is timed by
+wall clock AND by this process's CPU time (``time.process_time``: all its threads; much less sensitive to other
+work on the machine, but it counts OpenMP threads spinning at a barrier), the variants (``--threads``: intra-op
+thread counts; 1 thread has no barriers and serves as the control for the load) are timed interleaved on one trainer — A, B, A, B, ... for ``--rounds``
+rounds of ``--round_steps`` steps — and medians are reported with the load average. Then each variant is profiled
+for ``--steps`` steps: the forward pieces get CPU time from ``time.process_time`` around each labelled call (self
+time, children excluded), the backward's CPU time is split over the forward labels in the proportions of the
+profiler's autograd-node times.
+
+OpenMP's wait policy is the other thread setting: libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads, and
+train.py sets it to PASSIVE unless it is set already (a thread waiting at a barrier sleeps instead of spinning: on
+cores shared with other work a spinning thread burns the time slice its descheduled peer needs).
+``--omp_wait_policy`` (PASSIVE, as train.py; ACTIVE; unset = libgomp's default) re-runs this script with it set.
+
+Prints a table per variant (ms per step: wall under the profiler and CPU; % of the step's CPU), appends to
+``benchmarks/results/profile_train_step.csv`` (``--csv``) and writes a Chrome trace per variant (``--trace PREFIX``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import statistics
@@ -28,7 +45,32 @@ import tempfile
 import time
 from collections import defaultdict
 
-import torch
+OMP_WAIT_POLICIES = ("PASSIVE", "ACTIVE", "unset")
+
+
+def _exec_with_omp_wait_policy(argv: list) -> None:
+    """Re-run this script with OMP_WAIT_POLICY as --omp_wait_policy asks (default PASSIVE, as train.py sets it),
+    before torch (and with it libgomp, which reads the variable once) is loaded."""
+    want = "PASSIVE"
+    for i, a in enumerate(argv):
+        if a == "--omp_wait_policy" and i + 1 < len(argv):
+            want = argv[i + 1]
+        elif a.startswith("--omp_wait_policy="):
+            want = a.split("=", 1)[1]
+    if want not in OMP_WAIT_POLICIES or os.environ.get("OMP_WAIT_POLICY", "unset") == want:
+        return  # a bad value is argparse's to report
+    env = dict(os.environ)
+    if want == "unset":
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = want
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + list(argv), env)
+
+
+if __name__ == "__main__":
+    _exec_with_omp_wait_policy(sys.argv[1:])
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,14 +80,29 @@ from _harness import RESULTS_DIR, device_name, git_commit  # noqa: E402
 LABEL = "step/"  # prefix of our record_function ranges
 
 
+CPU_SELF = defaultdict(float)  # label -> process CPU seconds inside it, its labelled children excluded
+_CPU_STACK: list = []  # [label, start, children's CPU] of the open labelled calls
+
+
 def _wrap(obj, attr: str, label: str):
-    """obj.attr(...) runs inside record_function(LABEL + label)."""
+    """obj.attr(...) runs inside record_function(LABEL + label); its CPU time goes to CPU_SELF[label] (`label`: a
+    string, or a function returning one at call time)."""
     fn = getattr(obj, attr)
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with torch.profiler.record_function(LABEL + label):
-            return fn(*args, **kwargs)
+        name = label() if callable(label) else label
+        frame = [name, time.process_time(), 0.0]
+        _CPU_STACK.append(frame)
+        try:
+            with torch.profiler.record_function(LABEL + name):
+                return fn(*args, **kwargs)
+        finally:
+            _CPU_STACK.pop()
+            inclusive = time.process_time() - frame[1]
+            CPU_SELF[name] += inclusive - frame[2]
+            if _CPU_STACK:
+                _CPU_STACK[-1][2] += inclusive
 
     setattr(obj, attr, wrapped)
 
@@ -78,7 +135,22 @@ def instrument(trainer):
     _wrap(gen, "encode_text", "text encoder")
     _wrap(gen, "encode_video", "VAE encode")
     _wrap(gen, "decode_latents", "VAE decode")
-    _wrap(gen.denoiser, "forward", "generator forward")
+    # The denoiser's calls by role: inside gen.guided it is the CD teacher (CFG, cond + uncond in one batch, no grad);
+    # otherwise the student (grad) or the EMA target (no grad).
+    in_guided = [False]
+    guided = gen.guided
+
+    @functools.wraps(guided)
+    def guided_flagged(*args, **kwargs):
+        in_guided[0] = True
+        try:
+            return guided(*args, **kwargs)
+        finally:
+            in_guided[0] = False
+
+    gen.guided = guided_flagged
+    _wrap(gen.denoiser, "forward", lambda: "generator forward, " + (
+        "teacher (CFG)" if in_guided[0] else "student" if torch.is_grad_enabled() else "EMA target"))
     reward = trainer.reward
     if reward is not None and hasattr(reward, "backbone"):
         _wrap(reward.backbone, "encode_text", "reward text backbone")
@@ -88,16 +160,55 @@ def instrument(trainer):
     _wrap(trainer.mode, "after_optimizer_step", "EMA update")
 
 
+PHASE_CPU = defaultdict(float)  # "loss (forward)" / "backward" / "optimizer step" -> process CPU seconds
+
+
 def one_step(trainer, step: int):
     """The body of Trainer.train's loop for one optimizer step (grad_accum = 1)."""
     batch = next(trainer.batches)
+    t = time.process_time()
     with torch.profiler.record_function(LABEL + "loss (forward)"):
         loss, _ = trainer.mode.loss(batch, step)
+    t1 = time.process_time()
     with torch.profiler.record_function(LABEL + "backward"):
         trainer.backend.backward(loss)
-    with torch.profiler.record_function(LABEL + "optimizer step" + (" (DeepSpeed)" if trainer.cfg.deepspeed else "")):
+    t2 = time.process_time()
+    opt = "optimizer step" + (" (DeepSpeed)" if trainer.cfg.deepspeed else "")
+    with torch.profiler.record_function(LABEL + opt):
         trainer.backend.micro_step(boundary=True)
+    t3 = time.process_time()
     trainer.mode.after_optimizer_step()
+    PHASE_CPU["loss (forward)"] += t1 - t
+    PHASE_CPU["backward"] += t2 - t1
+    PHASE_CPU[opt] += t3 - t2
+
+
+def timed_step(trainer, step: int) -> tuple:
+    """(wall s, process CPU s) of one step."""
+    w, c = time.perf_counter(), time.process_time()
+    one_step(trainer, step)
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def cpu_attribution(wall_parts: dict, steps: int) -> dict:
+    """CPU ms per step for the rows of `attribute`: labelled forward calls and the optimizer / EMA from their own
+    CPU clocks; the backward's CPU split in the proportions of the profiler's backward rows; the unlabelled rest of
+    the forward as the remainder."""
+    out = {}
+    for name, sec in CPU_SELF.items():
+        kind = "" if name == "EMA update" else "fwd: "
+        out[kind + name] = sec * 1e3 / steps
+    fwd_total = PHASE_CPU["loss (forward)"] * 1e3 / steps
+    labelled = sum(v for k, v in out.items() if k.startswith("fwd: "))
+    out["fwd: other (losses, noise, schedules, fusion)"] = max(0.0, fwd_total - labelled)
+    bwd_rows = {k: v for k, v in wall_parts.items() if k.startswith("bwd: ")}
+    bwd_wall = sum(bwd_rows.values())
+    for k, v in bwd_rows.items():
+        out[k] = PHASE_CPU["backward"] * 1e3 / steps * (v / bwd_wall if bwd_wall else 0.0)
+    for k, v in PHASE_CPU.items():
+        if k.startswith("optimizer"):
+            out[k] = v * 1e3 / steps
+    return out
 
 
 def attribute(events, steps: int):
@@ -156,78 +267,120 @@ def attribute(events, steps: int):
     return dict(out), dict(ops)
 
 
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=4, help="profiled steps (after 2 warm-up steps)")
-    ap.add_argument("--timed_steps", type=int, default=6, help="steps timed without the profiler (steps/s)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1],
+                    help="intra-op thread counts to compare, interleaved on one trainer (the first is 'before')")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (each variant once per round)")
+    ap.add_argument("--round_steps", type=int, default=2, help="timed steps per variant per round (no profiler)")
+    ap.add_argument("--steps", type=int, default=2, help="profiled steps per variant")
     ap.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config: profile the DeepSpeed engine (1 rank)")
-    ap.add_argument("--trace", default=None, help="write a Chrome trace here")
-    ap.add_argument("--tag", default="", help="a note stored with the CSV rows (e.g. 'before' / 'after')")
-    ap.add_argument("override", nargs="*", help="extra --key value overrides of the world config")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--trace", default=None, help="write a Chrome trace per variant: TRACE-threadsN.json")
+    ap.add_argument("--omp_wait_policy", choices=OMP_WAIT_POLICIES, default="PASSIVE",
+                    help="OpenMP wait policy of this run (PASSIVE as train.py sets it; unset = libgomp's default)")
+    ap.add_argument("--csv", default=os.path.join(RESULTS_DIR, "profile_train_step.csv"),
+                    help="rows are appended here (the file is rewritten if its columns differ)")
+    args, extra = ap.parse_known_args(argv)
+    args.override = extra  # any other `--key value`: an override of the world config (e.g. --world.ot_map_steps 5)
+    if any(n < 1 for n in args.threads):
+        ap.error(f"--threads: expected integers >= 1, got {args.threads}")
 
+    device = device_name(torch.device("cpu")).split(" (")[0]  # the thread count is a column of its own
+    timings = defaultdict(list)  # threads -> [(wall s, cpu s, load)]
+    profiles = {}
     with tempfile.TemporaryDirectory(prefix="pisces_profile_") as out_dir:
         t0 = time.perf_counter()
         trainer = build_trainer(args, out_dir)
         print(f"trainer built in {time.perf_counter() - t0:.1f} s (OT map fit included)", flush=True)
         trainer.gen.denoiser.train()
-        step = 0
-        for _ in range(2):  # warm-up: allocator, one-time JIT/caches
-            one_step(trainer, step)
-            step += 1
-        times = []
-        for _ in range(args.timed_steps):
-            t = time.perf_counter()
-            one_step(trainer, step)
-            times.append(time.perf_counter() - t)
-            step += 1
-        sec = statistics.median(times)
         instrument(trainer)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                one_step(trainer, step)
-                step += 1
-            prof_sec = (time.perf_counter() - t) / args.steps
-        if args.trace:
-            prof.export_chrome_trace(args.trace)
-        parts, ops = attribute(prof.events(), args.steps)
+        step = 0
+        for n in args.threads:  # warm-up: allocator, one-time JIT/caches, each thread pool
+            torch.set_num_threads(n)
+            one_step(trainer, step)
+            step += 1
+        for r in range(args.rounds):
+            for n in args.threads:
+                torch.set_num_threads(n)
+                for _ in range(args.round_steps):
+                    wall, cpu = timed_step(trainer, step)
+                    step += 1
+                    timings[n].append((wall, cpu, os.getloadavg()[0]))
+                    print(f"round {r} threads {n}: wall {wall:6.2f} s  cpu {cpu:6.2f} s  load {os.getloadavg()[0]:.1f}",
+                          flush=True)
+        for n in args.threads:
+            torch.set_num_threads(n)
+            CPU_SELF.clear()
+            PHASE_CPU.clear()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    one_step(trainer, step)
+                    step += 1
+                prof_sec = (time.perf_counter() - t) / args.steps
+            if args.trace:
+                prof.export_chrome_trace(f"{args.trace}-threads{n}.json")
+            parts, ops = attribute(prof.events(), args.steps)
+            profiles[n] = (parts, cpu_attribution(parts, args.steps), ops, prof_sec, os.getloadavg()[0])
 
-    total = sum(parts.values())
-    load = os.getloadavg()[0]
-    print(f"\nmain job (world CD, batch {trainer.cfg.data.batch_size}), {args.threads} threads, load {load:.1f}: "
-          f"{sec * 1e3:.0f} ms/step = {1 / sec:.2f} steps/s (median of {args.timed_steps}, no profiler); "
-          f"profiled {prof_sec * 1e3:.0f} ms/step")
-    print(f"{'part':58s} {'ms/step':>9s} {'share':>7s}")
-    rows = sorted(parts.items(), key=lambda kv: -kv[1])
-    for name, ms in rows:
-        print(f"{name:58s} {ms:9.1f} {100 * ms / total:6.1f}%")
-    print("custom OT ops (inside the rows above):")
-    for name, ms in sorted(ops.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:56s} {ms:9.2f} {100 * ms / total:6.2f}%")
+    batch = trainer.cfg.data.batch_size
+    summary = {}
+    for n in args.threads:
+        walls, cpus, loads = zip(*timings[n])
+        summary[n] = (statistics.median(walls), statistics.median(cpus), statistics.median(loads))
+    print(f"\nmain job (world CD, batch {batch}), OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+          f"{args.rounds} interleaved rounds x {args.round_steps} steps per variant")
+    base = summary[args.threads[0]]
+    for n in args.threads:
+        wall, cpu, load = summary[n]
+        print(f"  threads {n}: {wall:6.2f} s/step wall = {1 / wall:.3f} steps/s ({base[0] / wall:.2f}x), "
+              f"{cpu:6.2f} s/step CPU ({base[1] / cpu:.2f}x), median load {load:.1f}")
+    for n in args.threads:
+        parts, cpu_parts, ops, prof_sec, load = profiles[n]
+        total = sum(cpu_parts.values())
+        print(f"\nthreads {n}, profiled {args.steps} steps at load {load:.1f}: {prof_sec:.2f} s/step wall, "
+              f"{total / 1e3:.2f} s/step CPU")
+        print(f"{'part':58s} {'wall ms':>9s} {'CPU ms':>9s} {'CPU %':>7s}")
+        for name in sorted(cpu_parts, key=lambda k: -cpu_parts[k]):
+            print(f"{name:58s} {parts.get(name, 0.0):9.1f} {cpu_parts[name]:9.1f} {100 * cpu_parts[name] / total:6.1f}%")
+        for name, ms in sorted(ops.items(), key=lambda kv: -kv[1]):
+            print(f"  custom op {name:46s} {ms:9.2f} (wall, inside the rows above)")
 
     import csv
     import datetime as _dt
 
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, "profile_train_step.csv")
-    new = not os.path.exists(path)
+    path = args.csv
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    with open(path, "a", newline="", encoding="utf-8") as f:
+    header = ["timestamp", "git_commit", "device", "omp_wait_policy", "threads", "deepspeed", "load_avg", "row",
+              "wall_ms_per_step", "cpu_ms_per_step", "cpu_share"]
+    append = False
+    if os.path.exists(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            append = next(csv.reader(f), None) == header
+    with open(path, "a" if append else "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        if new:
-            w.writerow(["timestamp", "git_commit", "device", "tag", "deepspeed", "load_avg", "steps_per_s", "part",
-                        "ms_per_step", "share"])
-        common = [stamp, git_commit(), device_name(torch.device("cpu")), args.tag, args.deepspeed or "", f"{load:.2f}",
-                  f"{1 / sec:.4f}"]
-        for name, ms in rows:
-            w.writerow(common + [name, f"{ms:.3f}", f"{ms / total:.4f}"])
-        for name, ms in ops.items():
-            w.writerow(common + ["op " + name, f"{ms:.3f}", f"{ms / total:.4f}"])
-    print(f"rows appended to {path}")
-    return parts, ops, sec
+        if not append:
+            w.writerow(header)
+        common = [stamp, git_commit(), device, os.environ.get("OMP_WAIT_POLICY", "unset")]
+        for n in args.threads:
+            for i, (wall, cpu, load) in enumerate(timings[n]):
+                w.writerow(common + [n, args.deepspeed or "", f"{load:.2f}", f"timed step {i}", f"{wall * 1e3:.1f}",
+                                     f"{cpu * 1e3:.1f}", ""])
+            wall, cpu, load = summary[n]
+            w.writerow(common + [n, args.deepspeed or "", f"{load:.2f}", "median step (no profiler)",
+                                 f"{wall * 1e3:.1f}", f"{cpu * 1e3:.1f}", ""])
+            parts, cpu_parts, ops, prof_sec, load = profiles[n]
+            total = sum(cpu_parts.values())
+            for name in sorted(cpu_parts, key=lambda k: -cpu_parts[k]):
+                w.writerow(common + [n, args.deepspeed or "", f"{load:.2f}", name, f"{parts.get(name, 0.0):.1f}",
+                                     f"{cpu_parts[name]:.1f}", f"{cpu_parts[name] / total:.4f}"])
+            for name, ms in ops.items():
+                w.writerow(common + [n, args.deepspeed or "", f"{load:.2f}", "op " + name, f"{ms:.2f}", "", ""])
+    print(f"rows written to {path}")
+    return summary, profiles
 
 
 if __name__ == "__main__":

@@ -55,3 +55,17 @@ def test_train_py_reports_bad_config(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--optim.lr", "-1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "config `optim.lr`: expected a positive number" in r.stderr
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_train_py_sets_the_openmp_wait_policy_before_torch_loads(preset, expected):
+    # libgomp reads OMP_WAIT_POLICY once, when torch is first imported: record its value at that moment.
+    spy = ("import os, sys\nseen = []\nclass Spy:\n    def find_spec(self, name, path=None, target=None):\n"
+           "        if name == 'torch' and not seen:\n            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+           f"sys.meta_path.insert(0, Spy())\nsys.path.insert(0, {ROOT!r})\nimport train\nprint(seen[0])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    r = subprocess.run([sys.executable, "-c", spy], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == expected
