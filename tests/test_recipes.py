@@ -98,6 +98,28 @@ def test_saved_tensor_accounting_hand_count():
     assert mp.saved_bytes(lambda: (y * y).sum() + (y.view(12) * y.view(12)).sum()) == 6 * 2 * 4
 
 
+def test_nested_checkpoint_recorder_hand_count():
+    """x (N floats, grad) -sin-> a -[block A: exp -> b, [block B: sigmoid], cos]-> out, float32, N = 1000.
+
+    The outer graph keeps sin's input x and A's input a (for A's recomputation): 2N. A's backward holds what A saves
+    (exp's output b, cos's input c; B's input is b again): 2N, plus B's backward (sigmoid's output): N. Peak = 2N +
+    (2N + N) = 5N floats. A second, memoized B of the same shape on meta adds its input only."""
+    N = 1000
+    for device in ("cpu", "meta"):
+        rec = mp.NestedCheckpointRecorder()
+        x = torch.zeros(N, device=device, requires_grad=True)
+
+        def block_a(a):
+            b = a.exp()
+            return rec(lambda t: t.sigmoid() * 2, b).cos()
+
+        assert rec.measure(lambda: rec(block_a, x.sin())) == 5 * N * 4
+    rec = mp.NestedCheckpointRecorder()
+    x = torch.zeros(N, device="meta", requires_grad=True)
+    twice = rec.measure(lambda: rec(lambda t: t.sigmoid() * 2, x.sin()) + rec(lambda t: t.sigmoid() * 2, x.cos()))
+    assert twice == (3 + 1) * N * 4  # x, the two block inputs, one block backward (sigmoid's output)
+
+
 def test_attention_counted_as_fused_kernels_store_it():
     B, H, L, S, D = 2, 3, 7, 5, 4
     q = torch.randn(B, H, L, D, requires_grad=True)
@@ -131,17 +153,17 @@ def test_tiny_plan_hand_counts(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# --dry_run on every shipped recipe (meta device: no weights; frames reduced because the video VAEs loop over
-# latent frames in Python on meta tensors too)
+# --dry_run on every shipped recipe at its own sizes (meta device: no weights): each fits 80 GB on 8 GPUs
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_dry_run_every_recipe(path):
-    cfg = load_config(path, {"dry_run": True, "model": {"num_frames": 5}})
+    cfg = load_config(path, {"dry_run": True})
     plan = mp.plan_memory(cfg, measure_both=False)
     text = plan.format()
     assert plan.num_gpus == 8 and plan.zero_stage == (3 if "hunyuan" in path else 2)
     assert "fits in 80 GiB" in text and "meta device" in text
+    assert plan.fits, text  # a shipped recipe runs on the paper's 8x A100 80GB
     den = next(k for k in plan.params if k.startswith("denoiser"))
     expected = {"modelscope": (1.2e9, 1.6e9), "wan2.1": (1.3e9, 1.5e9), "hunyuan": (12.5e9, 13.2e9)}
     lo, hi = next(v for k, v in expected.items() if k in os.path.basename(path))
@@ -150,14 +172,24 @@ def test_dry_run_every_recipe(path):
     if cfg.reward.kind == "pisces":
         iv2 = next(v for k, v in plan.params.items() if k.startswith("reward InternVideo2"))
         assert 1.3e9 < iv2 < 1.45e9  # ViT-1B (40 x 1408) + BERT-large with 5 fusion layers + heads
+    if cfg.mode == "cd" and "modelscope" not in path:  # the reward's decode through a temporal video VAE
+        row = next(k for k in plan.rows if k.startswith("VAE decode for the reward"))
+        assert "sparse, checkpointed" in row and plan.rows[row] < 30 * mp.GiB
+
+
+def test_reward_decode_fields_are_checked():
+    path = recipe("wan2.1_1.3b", "pisces_cd")
+    with pytest.raises(ValueError, match="config `reward.vae_decode`: expected 'full' or 'sparse'"):
+        load_config(path, {"dry_run": True, "reward": {"vae_decode": "prefix"}})
+    with pytest.raises(ValueError, match="config `reward.vae_checkpointing`: expected bool"):
+        load_config(path, {"dry_run": True, "reward": {"vae_checkpointing": "yes"}})
 
 
 def test_train_py_dry_run_flag(capsys):
     sys.path.insert(0, ROOT)
     import train
 
-    out = train.main(["--config", recipe("wan2.1_1.3b", "dpo"), "--dry_run", "--dry_run_gpus", "4",
-                      "--model.num_frames", "5"])
+    out = train.main(["--config", recipe("wan2.1_1.3b", "dpo"), "--dry_run", "--dry_run_gpus", "4"])
     printed = capsys.readouterr().out
     assert out["memory_plan"].num_gpus == 4 and "memory per GPU (ZeRO-2, 4 GPUs)" in printed
     assert "WanTransformer3DModel" in printed and "UMT5EncoderModel" in printed

@@ -12,6 +12,7 @@ text_encoder/ + tokenizer/); `build_tiny_generator` makes small random models fo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -262,10 +263,198 @@ class VideoVAECodec(nn.Module):
         z = self.vae.encode(x).latent_dist.mode().float()
         return (z - self.mean) / self.std * self.scale
 
+    # Gradient checkpointing of the decode (reward.vae_checkpointing): a `checkpoint(fn, *args)` callable, or None.
+    checkpoint_func: Optional[Callable] = None
+
+    def set_checkpointing(self, func: Optional[Callable]) -> None:
+        """Checkpoint the decode with `func` (None: off): each causal chunk / temporal tile the codec decodes itself,
+        and, where diffusers supports it (AutoencoderKLHunyuanVideo), the VAE's own blocks inside them. It stays on
+        (it only acts with gradients enabled), because a recomputation in backward must run the blocks as the
+        forward did."""
+        self.checkpoint_func = func
+        if getattr(self.vae, "_supports_gradient_checkpointing", False):
+            if func is None:
+                self.vae.disable_gradient_checkpointing()
+            else:
+                self.vae.enable_gradient_checkpointing(gradient_checkpointing_func=func)
+
+    def _latents_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents / self.scale * self.std + self.mean).to(self.vae.dtype)
+
+    def _to_video(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) in [-1, 1] -> (B, T, 3, H, W) in [0, 1]
+        return ((x.float().permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self.scale * self.std + self.mean
-        x = self.vae.decode(z.to(self.vae.dtype)).sample.float()
-        return ((x.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
+        if (self.checkpoint_func is not None and torch.is_grad_enabled() and type(self.vae).__name__ == "AutoencoderKLWan"
+                and not self.vae.use_tiling):
+            return self.decode_frames(latents, list(range(self.pixel_frames(latents.shape[2]))), sparse=False)
+        x = self.vae.decode(self._latents_for_vae(latents)).sample
+        return self._to_video(x)
+
+    @contextlib.contextmanager
+    def tiling(self, on: bool):
+        """Spatially tiled decoding (diffusers' `vae.enable_tiling()`, default tile sizes) while inside, if `on`."""
+        if not on:
+            yield
+            return
+        if not hasattr(self.vae, "use_tiling"):
+            raise ValueError(f"reward.vae_tiling: {type(self.vae).__name__} has no tiled decoding")
+        before, self.vae.use_tiling = self.vae.use_tiling, True
+        try:
+            yield
+        finally:
+            self.vae.use_tiling = before
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        return 1 + (latent_frames - 1) * self.temporal_ratio
+
+    @property
+    def temporal_ratio(self) -> int:
+        cfg = self.vae.config
+        return int(getattr(cfg, "temporal_compression_ratio", None) or getattr(cfg, "scale_factor_temporal", None) or 4)
+
+    def decode_frames(self, latents: torch.Tensor, frames: list[int], sparse: bool = True) -> torch.Tensor:
+        """Pixel frames `frames` of the decoded video, (B, len(frames), 3, H, W) in [0, 1], each exactly the frame the
+        full `vae.decode` gives (bit for bit on the same device and dtype), decoding only what those frames need:
+
+        * AutoencoderKLWan decodes latent frame by latent frame through a causal cache (a latent prefix decodes to
+          exactly the pixel prefix; a window not starting at 0 does not, the cache is missing). The chunks after the
+          last wanted frame are skipped. `sparse`: chunks holding no wanted frame run without gradient (they only fill
+          the cache) and the cache is detached between chunks, so the reward's gradient reaches the latent frames its
+          frames come from, not the earlier ones through the cache (truncated backpropagation through the causal
+          context; the frames themselves are exact). Not `sparse`: every chunk up to the last wanted one keeps its
+          graph (the exact gradient).
+        * AutoencoderKLHunyuanVideo decodes overlapping temporal tiles independently and blends them (its GroupNorms
+          see a whole tile, so it is not causal within a tile): only the tiles the wanted frames come from (and the
+          previous one for a frame in a blend zone) are decoded; frames and gradient are both exact. Without
+          framewise decoding (few latent frames) the whole latent is decoded.
+        With `checkpoint_func` set, each chunk / tile is checkpointed (recomputed in backward)."""
+        T = self.pixel_frames(latents.shape[2])
+        if not frames or min(frames) < 0 or max(frames) >= T:
+            raise ValueError(f"frames: expected indices in [0, {T}), got {frames}")
+        name = type(self.vae).__name__
+        if name == "AutoencoderKLWan":
+            if self.vae.use_tiling:
+                raise ValueError("reward.vae_tiling: the frame-selective AutoencoderKLWan decode does not tile; use "
+                                 "reward.vae_decode 'full' with tiling, or sparse without it")
+            x = self._decode_causal_chunks(self._latents_for_vae(latents), frames, sparse)
+        elif name == "AutoencoderKLHunyuanVideo":
+            x = self._decode_temporal_tiles(self._latents_for_vae(latents), frames)
+        else:
+            raise ValueError(f"reward.vae_decode 'sparse': frame-selective decoding is implemented for AutoencoderKLWan "
+                             f"and AutoencoderKLHunyuanVideo, not {name}; use reward.vae_decode 'full'")
+        return self._to_video(x)
+
+    def _run(self, fn: Callable, *args):
+        if self.checkpoint_func is not None and torch.is_grad_enabled():
+            return self.checkpoint_func(fn, *args)
+        return fn(*args)
+
+    def _decode_causal_chunks(self, z: torch.Tensor, frames: list[int], sparse: bool) -> torch.Tensor:
+        """AutoencoderKLWan._decode, chunk by chunk (diffusers 0.3x-0.4x: post_quant_conv has kernel 1 in time, the
+        decoder takes one latent frame with `feat_cache` / `feat_idx` / `first_chunk`)."""
+        vae, r = self.vae, self.temporal_ratio
+        chunk_of = [0 if p == 0 else 1 + (p - 1) // r for p in frames]
+        wanted = set(chunk_of)
+
+        def chunk(zi, first, *cache):
+            feat = list(cache)  # the decoder replaces entries: a recomputation must start from the same cache
+            out = vae.decoder(vae.post_quant_conv(zi), feat_cache=feat, feat_idx=[0], first_chunk=first)
+            return out, feat
+
+        vae.clear_cache()
+        cache = list(vae._feat_map)
+        outs = {}
+        try:
+            for i in range(max(wanted) + 1):
+                zi = z[:, :, i:i + 1]
+                if sparse:
+                    cache = [c.detach() if isinstance(c, torch.Tensor) else c for c in cache]
+                if sparse and i not in wanted:
+                    with torch.no_grad():
+                        _, cache = chunk(zi, i == 0, *cache)
+                    continue
+                out, cache = self._run(lambda zz, *cc, _first=(i == 0): chunk(zz, _first, *cc), zi, *cache)
+                if i in wanted:
+                    outs[i] = out
+        finally:
+            vae.clear_cache()
+        picked = [outs[c][:, :, 0 if p == 0 else (p - 1) % r] for p, c in zip(frames, chunk_of)]
+        x = torch.stack(picked, dim=2)
+        if getattr(vae.config, "patch_size", None) is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            x = unpatchify(x, patch_size=vae.config.patch_size)
+        return torch.clamp(x, min=-1.0, max=1.0)
+
+    def _decode_temporal_tiles(self, z: torch.Tensor, frames: list[int]) -> torch.Tensor:
+        """AutoencoderKLHunyuanVideo._decode for the temporal tiles `frames` need (diffusers 0.32-0.4x), each tile
+        decoded as diffusers does (spatially tiled under `vae.use_tiling`)."""
+        vae, r = self.vae, self.temporal_ratio
+        F = z.shape[2]
+        t_min = vae.tile_sample_min_num_frames // r
+        if not (vae.use_framewise_decoding and F > t_min):
+            return self._decode_tile(z)[:, :, frames]
+        t_stride = vae.tile_sample_stride_num_frames // r
+        stride = vae.tile_sample_stride_num_frames
+        blend = vae.tile_sample_min_num_frames - stride
+        rows: dict = {}
+
+        def row(k: int) -> torch.Tensor:  # tile k decoded (its first frame dropped after the first tile)
+            if k not in rows:
+                decoded = self._decode_tile(z[:, :, k * t_stride:k * t_stride + t_min + 1])
+                rows[k] = decoded if k == 0 else decoded[:, :, 1:]
+            return rows[k]
+
+        picked = []
+        for p in frames:
+            if p <= stride:
+                picked.append(row(0)[:, :, p])
+                continue
+            k, local = 1 + (p - stride - 1) // stride, (p - stride - 1) % stride
+            a, b = row(k - 1), row(k)
+            e = min(a.shape[2], b.shape[2], blend)
+            if local < e:  # diffusers' blend_t, the same expression
+                picked.append(a[:, :, -e + local] * (1 - local / e) + b[:, :, local] * (local / e))
+            else:
+                picked.append(b[:, :, local])
+        return torch.stack(picked, dim=2)
+
+    def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
+        """One temporal tile: vae.decoder(vae.post_quant_conv(z)), or under `vae.use_tiling` (HunyuanVideoPipeline's
+        example enables it) AutoencoderKLHunyuanVideo.tiled_decode with each spatial tile decoded (and checkpointed)
+        on its own; the blends are diffusers' own blend_v / blend_h."""
+        vae, s = self.vae, self.spatial_factor
+
+        def dec(t):
+            return vae.decoder(vae.post_quant_conv(t))
+
+        th, tw = vae.tile_sample_min_height // s, vae.tile_sample_min_width // s
+        if not (vae.use_tiling and (z.shape[-1] > tw or z.shape[-2] > th)):
+            return self._run(dec, z)
+        sh, sw = vae.tile_sample_stride_height // s, vae.tile_sample_stride_width // s
+        bh = vae.tile_sample_min_height - vae.tile_sample_stride_height
+        bw = vae.tile_sample_min_width - vae.tile_sample_stride_width
+        H, W = z.shape[-2:]
+        rows = [[self._run(dec, z[:, :, :, i:i + th, j:j + tw]) for j in range(0, W, sw)] for i in range(0, H, sh)]
+        result_rows = []
+        for i, row in enumerate(rows):
+            result_row = []
+            for j, tile in enumerate(row):
+                if i > 0:
+                    tile = vae.blend_v(rows[i - 1][j], tile, bh)
+                if j > 0:
+                    tile = vae.blend_h(row[j - 1], tile, bw)
+                result_row.append(tile[:, :, :, :vae.tile_sample_stride_height, :vae.tile_sample_stride_width])
+            result_rows.append(torch.cat(result_row, dim=-1))
+        return torch.cat(result_rows, dim=3)[:, :, :, :H * s, :W * s]
+
+
+def activation_checkpoint(fn: Callable, *args):
+    """torch's non-reentrant activation checkpointing (what diffusers' enable_gradient_checkpointing uses)."""
+    import torch.utils.checkpoint
+
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
 
 def strided_frame_indices(num_frames: int, wanted: Optional[int]) -> list[int]:
@@ -344,14 +533,31 @@ class VideoGenerator:
         check_video(video, "video")
         return self.codec.encode(video.to(self.device)).float()
 
-    def decode_latents(self, latents: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
-        """Latents -> (B, T', 3, H, W) in [0, 1], differentiable. Frame subsampling happens before decoding
-        for per-frame codecs (cheap, as T2V-Turbo does) and after it for temporal video VAEs."""
+    def decode_latents(self, latents: torch.Tensor, num_frames: Optional[int] = None, vae_decode: str = "full",
+                       checkpointing: bool = False, tiling: bool = False) -> torch.Tensor:
+        """Latents -> (B, T', 3, H, W) in [0, 1], differentiable; `num_frames` strided frames (None: all).
+
+        Per-frame codecs subsample the latents before decoding (cheap, as T2V-Turbo does; `vae_decode` and
+        `checkpointing` change nothing). Temporal video VAEs (reward.vae_decode, reward.vae_checkpointing):
+        "full" decodes every latent frame with its graph and then picks the frames; "sparse" decodes only what the
+        picked frames need (VideoVAECodec.decode_frames: the same frames; for Wan the gradient is truncated at the
+        causal cache); `checkpointing` recomputes each decoded chunk / tile in backward; `tiling` decodes in spatial
+        tiles (diffusers' enable_tiling)."""
+        if vae_decode not in ("full", "sparse"):
+            raise ValueError(f"reward.vae_decode: expected 'full' or 'sparse', got {vae_decode!r}")
         if self.codec.per_frame:
             idx = strided_frame_indices(latents.shape[2], num_frames)
             return self.codec.decode(latents[:, :, idx])
-        video = self.codec.decode(latents)
-        return video[:, strided_frame_indices(video.shape[1], num_frames)]
+        if checkpointing and self.codec.checkpoint_func is None:
+            self.codec.set_checkpointing(activation_checkpoint)
+        elif not checkpointing and self.codec.checkpoint_func is not None:
+            self.codec.set_checkpointing(None)
+        idx = strided_frame_indices(self.codec.pixel_frames(latents.shape[2]), num_frames)
+        with self.codec.tiling(tiling):
+            if vae_decode == "sparse":
+                return self.codec.decode_frames(latents, idx, sparse=True)
+            video = self.codec.decode(latents)
+        return video[:, idx]
 
     # -- guidance (w) conditioning ------------------------------------------------------------------------
     @property

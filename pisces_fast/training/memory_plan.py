@@ -24,9 +24,14 @@ The estimate model (every number printed comes from one of these rules):
   recomputed activations (live during its backward) are counted.
   Which graphs are live at the backward: cd: one student forward at micro-batch x reward.group_size, plus
   the VAE decode of the reward frames and the reward model's forward (gradients flow to the video); grpo:
-  round(timestep_fraction x num_sampling_steps) policy forwards at micro-batch x grpo.group_size (x2 with
-  classifier-free guidance) kept together until backward, plus one CD forward when grpo.cd_weight > 0 (the
-  rollout and the reward run without a graph); dpo: one forward at 2 x micro-batch (winner and loser).
+  round(timestep_fraction x SDE steps) policy forwards (grpo.sde_steps, or num_sampling_steps when 0) at
+  micro-batch x grpo.group_size (x2 with classifier-free guidance) kept together until backward, plus one CD
+  forward when grpo.cd_weight > 0 (the rollout and the reward run without a graph); dpo: one forward at 2 x micro-batch (winner and loser).
+* The reward's VAE decode: `VideoGenerator.decode_latents` run as the CD step runs it (reward.num_frames,
+  reward.vae_decode / vae_checkpointing / vae_tiling), the VAE in model.dtype. Its checkpointing is nested (each
+  causal chunk / temporal or spatial tile, and inside it diffusers' own VAE block checkpointing), measured by
+  NestedCheckpointRecorder: block inputs are kept by the parent, a block's backward holds what it saves plus its
+  largest child's backward.
 * DeepSpeed buffers: ZeRO-2 reduce + all-gather buckets (at most the trainable parameter count, 16-bit);
   ZeRO-3 prefetch bucket + max live parameters (at most the denoiser's parameter count, 16-bit).
 * Not counted: the CUDA context and allocator fragmentation (a 2 GiB reserve is kept when judging the fit),
@@ -65,11 +70,15 @@ class SavedTensorAccounting:
     def __init__(self, exclude_modules: tuple = ()):
         self.exclude = {_storage_key(t) for m in exclude_modules for t in list(m.parameters()) + list(m.buffers())}
         self.seen: dict = {}
+        # Counted tensors are kept alive while counting: a storage freed meanwhile (a checkpoint input the real
+        # checkpoint would keep, a replaced causal cache) could hand its address to a new one, counted as seen.
+        self._alive: list = []
 
     def add(self, t: torch.Tensor) -> None:
         key = _storage_key(t)
         if key not in self.exclude and key not in self.seen:
             self.seen[key] = t.untyped_storage().nbytes()
+            self._alive.append(t)
 
     @property
     def bytes(self) -> int:
@@ -143,6 +152,91 @@ class _CheckpointRecorder:
             out = fn(*args, **kwargs)
         self.peak_block = max(self.peak_block, inner.bytes)
         return out
+
+
+class NestedCheckpointRecorder:
+    """A checkpoint function (`fn(*args)`, as torch.utils.checkpoint and diffusers' `gradient_checkpointing_func`
+    take it) that measures nested checkpointing: the reward's VAE decode checkpoints each chunk / tile, and inside
+    them diffusers checkpoints the VAE's blocks (AutoencoderKLHunyuanVideo: mid block + up blocks, each resnet).
+    A block's tensor inputs are kept by its parent (for the recomputation); a block's backward holds what it saves
+    itself plus the largest backward among its own checkpointed children. `measure(fn)` = what the outermost graph
+    keeps + the largest block backward."""
+
+    def __init__(self, exclude_modules: tuple = ()):
+        self.exclude_modules = exclude_modules
+        self._stack: list = []  # [accounting, largest child backward]
+        # On the meta device a block's cost depends only on the block and its inputs' shapes: a block seen before
+        # (the VAE decoder on another tile of the same size) is not run again; its output is a fresh tensor.
+        self._seen: dict = {}
+
+    def _memo_key(self, fn, args, kwargs):
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        if not tensors or any(t.device.type != "meta" for t in tensors):
+            return None
+        code = getattr(fn, "__code__", None)
+        cells = tuple(id(c.cell_contents) for c in (getattr(fn, "__closure__", None) or ()))
+        ident = (code, cells, tuple(getattr(fn, "__defaults__", None) or ())) if code is not None else id(fn)
+        sig = tuple((tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else repr(a)
+                    for a in list(args) + list(kwargs.values()))
+        return ident, sig
+
+    def __call__(self, fn, *args, **kwargs):
+        parent = self._stack[-1]
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                parent[0].add(a)
+        key = self._memo_key(fn, args, kwargs)
+        if key is not None and key in self._seen:
+            peak, shape, dtype, grad = self._seen[key]
+            parent[1] = max(parent[1], peak)
+            out = torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
+            return out.clone() if grad else out  # not a leaf: callers may write into it (diffusers' blends)
+        frame = [SavedTensorAccounting(self.exclude_modules), 0]
+        self._stack.append(frame)
+        try:
+            with frame[0].recording():
+                out = fn(*args, **kwargs)
+        finally:
+            self._stack.pop()
+        peak = frame[0].bytes + frame[1]
+        parent[1] = max(parent[1], peak)
+        if key is not None and isinstance(out, torch.Tensor):
+            self._seen[key] = (peak, tuple(out.shape), out.dtype, out.requires_grad)
+        return out
+
+    def measure(self, fn: Callable[[], object]) -> int:
+        root = [SavedTensorAccounting(self.exclude_modules), 0]
+        self._stack = [root]
+        try:
+            with torch.enable_grad(), fused_attention_accounting(), root[0].recording():
+                fn()
+        finally:
+            self._stack = []
+        return root[0].bytes + root[1]
+
+
+def reward_decode_bytes(gen, latents: torch.Tensor, num_frames: Optional[int], vae_decode: str,
+                        checkpointing: bool, tiling: bool = False) -> int:
+    """Activations the reward's VAE decode keeps for backward (`gen.decode_latents` as the CD step calls it, on meta
+    tensors), with the decode's own gradient checkpointing measured by NestedCheckpointRecorder."""
+    codec = gen.codec
+    ckpt = checkpointing and not codec.per_frame
+    recorder = NestedCheckpointRecorder((codec,))
+    vae = getattr(codec, "vae", None)
+    # diffusers' tile blends (row by row: slow on meta) save nothing for backward (products with Python scalars,
+    # sums, copies into slices): skipped while counting on meta tensors.
+    skip = [n for n in ("blend_v", "blend_h", "blend_t") if latents.device.type == "meta" and hasattr(vae, n)]
+    for name in skip:
+        setattr(vae, name, lambda a, b, extent: b)
+    if ckpt:
+        codec.set_checkpointing(recorder)
+    try:
+        return recorder.measure(lambda: gen.decode_latents(latents, num_frames, vae_decode, ckpt, tiling))
+    finally:
+        if ckpt:
+            codec.set_checkpointing(None)
+        for name in skip:
+            delattr(vae, name)
 
 
 def activation_bytes(module: nn.Module, fn: Callable[[], object], checkpointing: bool) -> int:
@@ -557,7 +651,7 @@ def plan_memory(cfg, num_gpus: Optional[int] = None, measure_both: bool = True) 
         graphs, per_graph_batch = 1, b * group
     elif mode == "grpo":
         g = cfg.grpo
-        n_train = max(1, int(round(g.timestep_fraction * g.num_sampling_steps)))
+        n_train = max(1, int(round(g.timestep_fraction * (g.sde_steps or g.num_sampling_steps))))
         cfg_passes = 1 if (g.guidance_scale == 1.0 or gen.w_conditioned) else 2
         graphs, per_graph_batch = n_train, b * g.group_size * cfg_passes
     else:
@@ -584,12 +678,22 @@ def plan_memory(cfg, num_gpus: Optional[int] = None, measure_both: bool = True) 
     if mode == "cd" and cfg.reward.kind != "none":
         lat = torch.zeros(gen.latent_shape(1), device=dev, requires_grad=True)
         codec = gen.codec
+        if vae is not None:  # the run loads the VAE in model.dtype (load_generator); meta modules cast for free
+            vae.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype])
+        r = cfg.reward
+        how = "" if codec.per_frame else (f", {r.vae_decode}{', checkpointed' if r.vae_checkpointing else ''}"
+                                          f"{', tiled' if r.vae_tiling else ''}")
         try:
-            key = ("vae", mm.directory, tuple(lat.shape), cfg.reward.num_frames, compute)
+            key = ("vae", mm.directory, tuple(lat.shape), r.num_frames, compute, r.vae_decode, r.vae_checkpointing,
+                   r.vae_tiling)
             if key not in _ACTIVATION_CACHE or dev.type != "meta":
-                _ACTIVATION_CACHE[key] = saved_bytes(lambda: gen.decode_latents(lat, cfg.reward.num_frames), (codec,))
+                _ACTIVATION_CACHE[key] = reward_decode_bytes(gen, lat, r.num_frames, r.vae_decode, r.vae_checkpointing,
+                                                             r.vae_tiling)
             vae_act = _ACTIVATION_CACHE[key]
-            rows[f"VAE decode for the reward (batch {b * group}, with grad)"] = vae_act * b * group
+            rows[f"VAE decode for the reward (batch {b * group}, with grad{how})"] = vae_act * b * group
+            if not codec.per_frame and not (r.vae_decode == "sparse" and r.vae_checkpointing):
+                notes.append("the reward's VAE decode: reward.vae_decode 'sparse' + reward.vae_checkpointing true "
+                             "decode with graph only what the reward's frames need (see docs/real_models.md)")
         except Exception as exc:  # noqa: BLE001 - a VAE that cannot run on meta is reported, not fatal
             notes.append(f"VAE decode activations not measured ({type(exc).__name__}: {exc})")
         if reward_model is not None:
