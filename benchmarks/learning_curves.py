@@ -8,7 +8,9 @@ in chunks of `--eval_every` steps; after each chunk the objective is measured on
 sees, with fixed noise:
 - grpo / grpo_cd (GRPO, Eq. 6, alone and + CD): the mean reward (quality + semantic of the world VLM, the
   weighted sum GRPO's advantages are computed from) of G SDE samples for each held-out prompt, drawn with fixed seeds
-  (`GRPO.evaluate`);
+  (`GRPO.rollout` with a seeded generator: the same prompts and noise at every evaluation). Also the paired
+  difference to step 0 over the (prompt, noise seed) groups with its 95 % confidence half-width ("diff", "diff_ci95"):
+  the same prompts and noise before and after, so what it measures is the policy's change;
 - dpo (DF-DPO): implicit reward accuracy, margin and DPO loss of policy vs reference on held-out real clips paired
   with their distorted copies, per distortion operator, with fixed noise and timesteps (`DFDPO.evaluate`).
 Output (in --out): <mode>.csv per mode (mode, seed, step, metric, value; a later invocation for other modes keeps
@@ -35,23 +37,23 @@ DEFAULT_OUT = os.path.join(HERE, "results", "learning_curves")
 
 # Overrides of the world job's defaults (pisces_fast.world.config.WORLD_DEFAULTS) for each mode. The world reward
 # runs without the OT map and POT patching here (no Algorithm 2 fit per seed): "w/o OT" rewards, still the
-# quality + semantic objective of the world VLM. GRPO + CD: cd_weight 0.1 (at 1.0 the CD term, which pulls the
-# student towards the teacher's consistency function, kept the held-out reward flat: -0.176 -> -0.190 after
-# 12 steps, seed 0).
+# quality + semantic objective of the world VLM. GRPO: 2 prompts x G = 8 per step, DDIM eta 1 at 4 steps of which
+# the first 2 are stochastic and trained (grpo.sde_steps: the last two have std 0.04 / 0.02, their noise moves the
+# reward by ~0.006 std against ~0.15 for the first two, yet their log-prob gradients were the largest: with every
+# step trained the held-out reward rose in 2 of 5 seeds). GRPO + CD: the CD term on the batch's clips at CD_WEIGHT.
+# The GRPO loss averages log-probs over latent elements, so its gradient is small (norm ~0.004 on the world) while
+# CD's is 0.04-0.2 and points slightly against it (cosine -0.14): at cd_weight 0.1 the CD gradient dominated and the
+# held-out reward rose only +0.012 +- 0.009 in 10 steps (seed 0); at 0.01 CD is an anchor of at most GRPO's size.
 COMMON = {"checkpoint_every": 0, "export_lora": False, "validation": {"every": 0}, "deepspeed": None,
           "reward": {"kwargs": {"use_ot_map": False, "use_pot": False}, "fusion": "equal"}}
+GRPO = {"group_size": 8, "num_sampling_steps": 4, "sde_steps": 2, "guidance_scale": 1.0, "eta": 1.0,
+        "timestep_fraction": 1.0, "clip_range": 1e-3, "updates_per_rollout": 1, "cd_weight": 0.0, "kl_beta": 0.0,
+        "shared_noise": True}
+CD_WEIGHT = 0.01
 MODES = {
-    "grpo": {"mode": "grpo", "data": {"batch_size": 1},
-             "grpo": {"group_size": 4, "num_sampling_steps": 4, "guidance_scale": 1.0, "eta": 1.0,
-                      "timestep_fraction": 1.0, "clip_range": 1e-3, "updates_per_rollout": 1, "cd_weight": 0.0,
-                      "kl_beta": 0.0, "shared_noise": True},
-             "optim": {"lr": 2e-3, "max_grad_norm": 1.0}},
-    "grpo_cd": {"mode": "grpo", "data": {"batch_size": 1},
-                "grpo": {"group_size": 4, "num_sampling_steps": 4, "guidance_scale": 1.0, "eta": 1.0,
-                         "timestep_fraction": 1.0, "clip_range": 1e-3, "updates_per_rollout": 1, "cd_weight": 0.1,
-                         "kl_beta": 0.0, "shared_noise": True},
-                "cd": {"guidance_conditioning": False},
-                "optim": {"lr": 2e-3, "max_grad_norm": 1.0}},
+    "grpo": {"mode": "grpo", "data": {"batch_size": 2}, "grpo": GRPO, "optim": {"lr": 2e-3, "max_grad_norm": 1.0}},
+    "grpo_cd": {"mode": "grpo", "data": {"batch_size": 2}, "grpo": {**GRPO, "cd_weight": CD_WEIGHT},
+                "cd": {"guidance_conditioning": False}, "optim": {"lr": 2e-3, "max_grad_norm": 1.0}},
     "dpo": {"mode": "dpo", "reward": {"kind": "none"}, "data": {"batch_size": 2},
             "dpo": {"beta": 5000.0, "sft_weight": 1.0},
             "optim": {"lr": 1e-3, "max_grad_norm": 1.0}},
@@ -126,10 +128,19 @@ def run(mode: str, seed: int, args, writer) -> None:
             return tr.mode.evaluate(pairs)
     else:
         _, prompts = held_out(cfg, args.eval_prompts)
+        G = cfg.grpo.group_size
+        first: list = []
 
         def evaluate():
-            vals = [tr.mode.evaluate(prompts, 10_000 + s) for s in range(args.eval_seeds)]
-            return {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
+            ros = [tr.mode.rollout(prompts, generator=torch.Generator().manual_seed(10_000 + s))
+                   for s in range(args.eval_seeds)]
+            groups = torch.cat([ro["reward"].view(-1, G).mean(1) for ro in ros])  # per (noise seed, prompt)
+            if not first:
+                first.append(groups)
+            d = groups - first[0]
+            half = 1.96 * float(d.std()) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+            res = {k: sum(ro["metrics"][k] for ro in ros) / len(ros) for k in ros[0]["metrics"] if k.startswith("reward")}
+            return {**res, "diff": float(d.mean()), "diff_ci95": half}
 
     start = time.time()
     step = 0
@@ -184,7 +195,7 @@ def plot(out: str, png_path: str, args) -> None:
     modes = sorted({m for m, _ in data})
     panels = []
     if any(m.startswith("grpo") for m in modes):
-        panels.append("grpo")
+        panels += ["grpo", "grpo_diff"]
     if "dpo" in modes:
         panels += ["dpo_acc", "dpo_loss"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -203,6 +214,12 @@ def plot(out: str, png_path: str, args) -> None:
             band(ax, ("grpo_cd", "reward_mean"), "GRPO + CD")
             ax.set_title("GRPO: held-out mean reward (fixed seeds)")
             ax.set_ylabel("quality + semantic")
+        elif panel == "grpo_diff":
+            band(ax, ("grpo", "diff"), "GRPO")
+            band(ax, ("grpo_cd", "diff"), "GRPO + CD")
+            ax.axhline(0.0, color="gray", ls=":")
+            ax.set_title("GRPO: paired change vs step 0 (same prompts, noise)")
+            ax.set_ylabel("held-out reward - step 0")
         elif panel == "dpo_acc":
             band(ax, ("dpo", "acc"), "all operators", lw=2.5, color="k")
             for op in sorted({met.split("/", 1)[1] for m, met in data if m == "dpo" and met.startswith("acc/")}):
@@ -234,6 +251,13 @@ def summary(out: str) -> str:
         steps, m, s = mean_std(data[(mode, metric)])
         lines.append(f"{mode:8s} {metric:18s} step {steps[0]}: {m[0]:.4f} ± {s[0]:.4f} -> step {steps[-1]}: "
                      f"{m[-1]:.4f} ± {s[-1]:.4f} (seeds {sorted(data[(mode, metric)])})")
+        if metric == "reward_mean" and (mode, "diff") in data:
+            per_seed = []
+            for seed, pts in sorted(data[(mode, "diff")].items()):
+                half = dict(data[(mode, "diff_ci95")][seed])
+                last = max(pts)[0]
+                per_seed.append(f"seed {seed}: {dict(pts)[last]:+.4f} ± {half[last]:.4f}")
+            lines.append(f"{mode:8s} paired change at the last step (95 % CI over held-out groups): " + ", ".join(per_seed))
     return "\n".join(lines)
 
 
@@ -243,7 +267,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--grpo_steps", type=int, default=12)
     p.add_argument("--eval_every", type=int, default=4, help="GRPO steps between held-out evaluations")
-    p.add_argument("--eval_prompts", type=int, default=2, help="held-out prompts (GRPO)")
+    p.add_argument("--eval_prompts", type=int, default=8, help="held-out prompts (GRPO)")
     p.add_argument("--eval_seeds", type=int, default=1, help="fixed noise seeds per evaluation (G samples each)")
     p.add_argument("--dpo_steps", type=int, default=30)
     p.add_argument("--dpo_eval_every", type=int, default=5)
@@ -254,7 +278,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--work", default=os.path.join("outputs", "learning_curves"), help="run directories")
-    p.add_argument("--plot_only", action="store_true", help="re-plot an existing learning_curves.csv")
+    p.add_argument("--plot_only", action="store_true", help="only re-plot (and summarise) the <mode>.csv files already in --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

@@ -1,6 +1,7 @@
-"""GRPO and DF-DPO on tiny models: the rollout's log-probs are the scheduler's transition density, the first PPO
-update is on-policy (ratios exactly 1, dropout included), advantages belong to their samples' prompt groups, the
-reference stays frozen, and a short free-running GRPO run raises its reward on held-out noise."""
+"""GRPO and DF-DPO on tiny models: the rollout's log-probs are the scheduler's transition density (only the
+`grpo.sde_steps` are stochastic), the first PPO update is on-policy (ratios exactly 1, dropout included), advantages
+belong to their samples' prompt groups, the reference stays frozen, and a short free-running GRPO run raises its
+reward on held-out noise."""
 import os
 
 import pytest
@@ -56,6 +57,37 @@ def test_rollout_logprobs_are_ddim_transition_densities(tmp_path):
             std = g.eta * s._get_variance(t, prev_t).sqrt()
             ref = torch.distributions.Normal(mean.double(), std.double()).log_prob(ro["traj"][i + 1].double())
             torch.testing.assert_close(ro["logp_old"][i].double(), ref.flatten(1).mean(1), rtol=1e-5, atol=1e-5)
+
+
+def test_sde_steps_are_the_only_stochastic_and_trained_steps(tmp_path):
+    """grpo.sde_steps = 2 of 4: steps 0-1 are DDIM eta > 0 draws with their densities, steps 2-3 are diffusers'
+    deterministic DDIM step (eta = 0) of the stored latents; only the stochastic steps carry a log-prob."""
+    from diffusers import DDIMScheduler
+
+    tr = grpo_trainer(tmp_path, grpo={"eta": 1.0, "sde_steps": 2})
+    m, g = tr.mode, tr.cfg.grpo
+    torch.manual_seed(0)
+    ro = m.rollout(["a shape moving right"])
+    assert len(ro["logp_old"]) == 2 and len(ro["traj"]) == 5
+    s = DDIMScheduler.from_config(tr.gen.scheduler.config)
+    s.set_timesteps(g.num_sampling_steps)
+    tr.gen.denoiser.eval()
+    with torch.no_grad():
+        for i, t in enumerate(s.timesteps):
+            x = ro["traj"][i]
+            eps = m._predict(x, i, ro["cond"], ro["uncond"])
+            if i < 2:
+                mean = s.step(eps, t, x, eta=g.eta, variance_noise=torch.zeros_like(x)).prev_sample
+                std = g.eta * s._get_variance(t, t - s.config.num_train_timesteps // s.num_inference_steps).sqrt()
+                ref = torch.distributions.Normal(mean.double(), std.double()).log_prob(ro["traj"][i + 1].double())
+                torch.testing.assert_close(ro["logp_old"][i].double(), ref.flatten(1).mean(1), rtol=1e-5, atol=1e-5)
+            else:
+                torch.testing.assert_close(ro["traj"][i + 1], s.step(eps, t, x, eta=0.0).prev_sample,
+                                           rtol=1e-5, atol=1e-5)
+    _, metrics = m.policy_loss(ro)  # trains on the stochastic steps only (an index >= 2 would fail)
+    assert metrics["ratio_min"] == metrics["ratio_max"] == 1.0
+    with pytest.raises(ValueError, match="grpo.sde_steps"):
+        grpo_trainer(tmp_path, grpo={"sde_steps": 5})
 
 
 def test_first_update_is_on_policy_and_advantages_follow_their_groups(tmp_path):
@@ -123,22 +155,25 @@ def test_reused_rollout_is_importance_weighted_and_clipped(tmp_path):
 
 def test_grpo_raises_brightness_on_held_out_noise(tmp_path):
     """Toy reward with an obvious optimum: closeness of every frame to white (the prompt names no colour), measured
-    with fixed noise seeds that training never samples (G SDE samples each, the objective GRPO optimises)."""
-    tr = grpo_trainer(tmp_path, seed=3, optim={"lr": 1e-2, "max_grad_norm": 1.0},
-                      grpo={"group_size": 8, "num_sampling_steps": 3, "clip_range": 1e-3, "shared_noise": True})
+    with fixed noise seeds that training never samples (G SDE samples each, the objective GRPO optimises). DDIM at
+    3 steps (t = 667, 334, 1), only the first stochastic and trained (grpo.sde_steps = 1): measured 0.7609 -> 0.8216
+    in 6 steps; with every step stochastic and trained (sde_steps 0) the same run gave 0.7611 -> 0.7897."""
+    tr = grpo_trainer(tmp_path, seed=3, optim={"lr": 3e-2, "max_grad_norm": 1.0},
+                      grpo={"group_size": 8, "num_sampling_steps": 3, "sde_steps": 1, "clip_range": 1e-3,
+                            "shared_noise": True})
     prompt = ["a thing moving"]
 
     def held_out():
         return sum(tr.mode.evaluate(prompt, s)["reward_mean"] for s in (100, 101)) / 2
 
     before = held_out()
-    for step in range(9):
+    for step in range(6):
         loss, _ = tr.mode.loss({"caption": prompt}, step)
         tr.backend.backward(loss)
         tr.backend.micro_step(True)
     after = held_out()
     print(f"held-out brightness reward {before:.4f} -> {after:.4f}")
-    assert after > before + 0.005
+    assert after > before + 0.03
 
 
 def test_dpo_held_out_pairs_start_at_chance_and_separate_after_training(tmp_path):

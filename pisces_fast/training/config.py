@@ -109,6 +109,9 @@ class RewardConfig:
           fusion: group                  # equal | group (each reward normalised within its prompt's group)
           group_size: 4                  # mode cd + fusion group: generations per prompt (captions repeated)
           num_frames: 8                  # frames of the decoded video handed to the reward (strided)
+          vae_decode: sparse             # full | sparse: decode only what those frames need (video VAEs)
+          vae_checkpointing: true        # recompute the reward's VAE decode in backward
+          vae_tiling: false              # spatially tiled VAE decode (diffusers' enable_tiling)
           backbone:
             kind: internvideo2           # internvideo2 | blip
             checkpoint: /weights/InternVideo2-stage2_1b-224p-f4.safetensors  # converted once from the .pt:
@@ -140,6 +143,20 @@ class RewardConfig:
     group_size: Optional[int] = None
     # Frames given to the reward (strided subsample of the decoded video); None = all.
     num_frames: Optional[int] = None
+    # How a temporal video VAE (AutoencoderKLWan, AutoencoderKLHunyuanVideo) decodes the reward's frames with their
+    # graph; per-frame VAEs (ModelScope / VideoCrafter2) always decode just those frames and ignore these fields.
+    # "full": every latent frame, then the frames are picked (exact gradient; memory grows with the clip: ~312 GiB
+    # per GPU for Wan 81x480x832 in bf16, --dry_run). "sparse": only what the picked frames need, the same frames bit for bit -- Hunyuan: the
+    # VAE's temporal tiles holding them (exact gradient); Wan: its causal chunks up to the last picked frame, those
+    # without a picked frame run without graph (they only fill the causal cache), so the gradient reaches the picked
+    # frames' own latent frames, not earlier ones through the cache. See docs/real_models.md.
+    vae_decode: str = "full"
+    # Recompute each decoded chunk / tile (and the VAE's blocks, where diffusers supports it) in backward.
+    vae_checkpointing: bool = False
+    # Decode the reward's frames in spatial tiles (diffusers' vae.enable_tiling() with its default tile sizes, as
+    # HunyuanVideoPipeline's example decodes); with vae_checkpointing each spatial tile is recomputed on its own.
+    # AutoencoderKLHunyuanVideo with either vae_decode; AutoencoderKLWan only with vae_decode "full".
+    vae_tiling: bool = False
     # kind pisces: the backbone section (see the class docstring), the OT map directory, the POT settings.
     backbone: dict = field(default_factory=dict)
     ot_map: Optional[str] = None
@@ -198,6 +215,12 @@ class GRPOConfig:
     # importance-weighted and clipped to [1 - clip_range, 1 + clip_range] (log-probs are per-element means). The
     # rollout is not checkpointed: a run resumed in the middle of a cycle starts it with a fresh rollout.
     updates_per_rollout: int = 1
+    # Stochastic (SDE) sampling steps, from the first: steps 0..sde_steps-1 are SDE steps and the only ones trained;
+    # the rest are deterministic DDIM (eta = 0) / flow ODE steps (Flow-GRPO-Fast, MixGRPO). 0 = every step. Why: with
+    # few steps the last ones have a tiny std, so their noise barely changes the reward while their log-prob's
+    # gradient (noise / std) is the largest; the policy gradient is then mostly noise (world, DDIM eta 1 at 4 steps:
+    # steps 2-3 have std 0.04/0.02 and move the reward by 0.006/0.002 std against 0.17/0.14 for steps 0-1).
+    sde_steps: int = 0
 
 
 @dataclass
@@ -332,6 +355,7 @@ class TrainConfig:
         for k, v in r.weights.items():
             need(isinstance(v, (int, float)), f"reward.weights.{k}", "a number", v)
         need(r.num_frames is None or r.num_frames >= 1, "reward.num_frames", "None or an integer >= 1", r.num_frames)
+        need(r.vae_decode in ("full", "sparse"), "reward.vae_decode", "'full' or 'sparse'", r.vae_decode)
         if self.mode == "cd" and r.kind != "none" and r.fusion == "group":
             need(r.group_size is not None and r.group_size >= 2, "reward.group_size",
                  "an integer >= 2 with mode cd and reward.fusion 'group' (generations per prompt to normalise across)",
@@ -366,6 +390,9 @@ class TrainConfig:
         need(g.clip_range > 0, "grpo.clip_range", "a positive number", g.clip_range)
         need(g.adv_clip > 0, "grpo.adv_clip", "a positive number", g.adv_clip)
         need(0 < g.timestep_fraction <= 1, "grpo.timestep_fraction", "a number in (0, 1]", g.timestep_fraction)
+        need(isinstance(g.sde_steps, int) and not isinstance(g.sde_steps, bool) and 0 <= g.sde_steps <= g.num_sampling_steps,
+             "grpo.sde_steps", f"an integer in [0, grpo.num_sampling_steps = {g.num_sampling_steps}] (0 = every step)",
+             g.sde_steps)
         need(g.kl_beta >= 0, "grpo.kl_beta", "a number >= 0", g.kl_beta)
         need(isinstance(g.updates_per_rollout, int) and not isinstance(g.updates_per_rollout, bool)
              and g.updates_per_rollout >= 1, "grpo.updates_per_rollout", "an integer >= 1", g.updates_per_rollout)

@@ -26,7 +26,8 @@ The estimate model (every number printed comes from one of these rules):
   the VAE decode of the reward frames and the reward model's forward (gradients flow to the video); grpo:
   round(timestep_fraction x SDE steps) policy forwards (grpo.sde_steps, or num_sampling_steps when 0) at
   micro-batch x grpo.group_size (x2 with classifier-free guidance) kept together until backward, plus one CD
-  forward when grpo.cd_weight > 0 (the rollout and the reward run without a graph); dpo: one forward at 2 x micro-batch (winner and loser).
+  forward when grpo.cd_weight > 0 (the rollout and the reward run without a graph); dpo: one forward at
+  2 x micro-batch (winner and loser).
 * The reward's VAE decode: `VideoGenerator.decode_latents` run as the CD step runs it (reward.num_frames,
   reward.vae_decode / vae_checkpointing / vae_tiling), the VAE in model.dtype. Its checkpointing is nested (each
   causal chunk / temporal or spatial tile, and inside it diffusers' own VAE block checkpointing), measured by

@@ -25,7 +25,8 @@ class _Mode:
 
     def rewards_of(self, latents: torch.Tensor, prompts: list[str]):
         """Decode (frames subsampled first where possible) and score -> ({name: (B,)}, {reward/name: mean})."""
-        video = self.gen.decode_latents(latents, self.cfg.reward.num_frames)
+        r = self.cfg.reward
+        video = self.gen.decode_latents(latents, r.num_frames, r.vae_decode, r.vae_checkpointing, r.vae_tiling)
         rewards = self.reward(video, list(prompts))
         if not isinstance(rewards, dict):
             raise TypeError(f"reward: expected a dict of (B,) tensors, got {type(rewards).__name__}")
@@ -168,7 +169,9 @@ class GRPO(_Mode):
     A rollout is reused for `grpo.updates_per_rollout` optimizer steps (the first is on-policy: every ratio is
     exactly 1; later ones are importance-weighted and clipped). The policy runs with dropout off everywhere in
     this objective (`dropout_off`). Logged per step: reward mean/std (fused, and each reward), advantage std,
-    ratio mean/min/max, clip fraction, approx. KL(old || new), and the KL to the reference when kl_beta > 0."""
+    ratio mean/min/max, clip fraction, approx. KL(old || new), and the KL to the reference when kl_beta > 0.
+    `grpo.sde_steps` > 0: only the first sde_steps sampling steps are stochastic and trained; the rest are
+    deterministic (their noise would move the reward little but dominate the gradient, see the config field)."""
 
     def __init__(self, *args, cd: Optional[ConsistencyDistillation] = None):
         super().__init__(*args)
@@ -184,12 +187,15 @@ class GRPO(_Mode):
         self._rollout: Optional[dict] = None  # reused for grpo.updates_per_rollout steps
 
     def _step_dist(self, x: torch.Tensor, out: torch.Tensor, i: int):
+        """Mean and std of sampling step i; a deterministic step (i >= sde_steps) has std 0 (DDIM eta 0 / ODE)."""
         g = self.cfg.grpo
+        stochastic = i < self.num_sde_steps
         if self.gen.prediction == "epsilon":
             t = self.ts[i]
-            return dm.ddim_sde_mean_std(self.gen.alpha_at(x, t), self.gen.alpha_at(x, t - self.ratio), x, out, g.eta)
+            return dm.ddim_sde_mean_std(self.gen.alpha_at(x, t), self.gen.alpha_at(x, t - self.ratio), x, out,
+                                        g.eta if stochastic else 0.0)
         s, s_next = self.ts[i], self.ts[i + 1]
-        return dm.flow_sde_mean_std(x, out, s, s_next, g.noise_level, self.sigma_max)
+        return dm.flow_sde_mean_std(x, out, s, s_next, g.noise_level if stochastic else 0.0, self.sigma_max)
 
     def _predict(self, x, i, cond, uncond):
         return self.gen.guided(self.forward, x, self.ts[i], cond, uncond, self.cfg.grpo.guidance_scale)
@@ -197,6 +203,11 @@ class GRPO(_Mode):
     @property
     def num_steps(self) -> int:
         return self.cfg.grpo.num_sampling_steps
+
+    @property
+    def num_sde_steps(self) -> int:
+        """The stochastic, trained sampling steps (the first ones): grpo.sde_steps, 0 = all."""
+        return self.cfg.grpo.sde_steps or self.num_steps
 
     @torch.no_grad()
     def rollout(self, prompts_per_group: list[str], generator: Optional[torch.Generator] = None) -> dict:
@@ -221,9 +232,12 @@ class GRPO(_Mode):
         with dropout_off(self.denoiser):
             for i in range(self.num_steps):
                 mean, std = self._step_dist(x, self._predict(x, i, cond, uncond), i)
-                std = bcast(std, mean)
-                x = mean + std * randn(mean.shape)
-                logp_old.append(dm.gaussian_logprob(x, mean, std))
+                if i < self.num_sde_steps:
+                    std = bcast(std, mean)
+                    x = mean + std * randn(mean.shape)
+                    logp_old.append(dm.gaussian_logprob(x, mean, std))
+                else:
+                    x = mean  # deterministic step: no noise, no log-prob, not trained
                 traj.append(x)
         rewards, metrics = self.rewards_of(x, prompts)
         group_ids = group_ids_from_prompts(prompts, device=x.device)
@@ -239,11 +253,11 @@ class GRPO(_Mode):
                 "prompts": prompts, "metrics": metrics}
 
     def policy_loss(self, ro: dict, steps: Optional[list[int]] = None):
-        """Eq. 6 (+ beta KL) averaged over the chosen sampling steps (a random `timestep_fraction` of them)."""
+        """Eq. 6 (+ beta KL) averaged over the chosen sampling steps (a random `timestep_fraction` of the SDE steps)."""
         g = self.cfg.grpo
         if steps is None:
-            n_train = max(1, int(round(g.timestep_fraction * self.num_steps)))
-            steps = torch.randperm(self.num_steps)[:n_train].tolist()
+            n_train = max(1, int(round(g.timestep_fraction * self.num_sde_steps)))
+            steps = torch.randperm(self.num_sde_steps)[:n_train].tolist()
         cond, uncond, traj = ro["cond"], ro["uncond"], ro["traj"]
         loss_pg, loss_kl = 0.0, 0.0
         logps, logps_old = [], []
