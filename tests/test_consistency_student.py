@@ -20,12 +20,7 @@ from pisces_fast.training.sampling import flow_consistency_step, lcm_step, lcm_t
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscription makes tiny models 10x slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 
 def test_guidance_embedding_is_lcm_pipelines():

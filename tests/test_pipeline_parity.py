@@ -7,13 +7,12 @@ exactly, and the project's samplers give the pipeline's frames for the same late
 """
 import os
 import sys
-import warnings
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_layouts import SAVERS, TINY_SIZES  # noqa: E402
+from tiny_layouts import TINY_SIZES, save_all_tiny_layouts  # noqa: E402
 
 from pisces_fast.training.generators import DEFAULT_TEXT_MAX_LENGTH, PipelineTextEncoder, load_generator  # noqa: E402
 
@@ -22,20 +21,12 @@ PROMPTS = ["a red cat runs left", "blue square"]
 PIXEL_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscription makes tiny models 10x slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layouts")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {fam: save(str(root / fam)) for fam, save in SAVERS.items()}
+    return save_all_tiny_layouts(str(tmp_path_factory.mktemp("layouts")))
 
 
 def stock_pipeline(family, directory, scheduler=None):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_layouts import SAVERS, TINY_SIZES  # noqa: E402
+from tiny_layouts import TINY_SIZES, save_all_tiny_layouts  # noqa: E402
 
 from pisces_fast.training import memory_plan as mp  # noqa: E402
 from pisces_fast.training.config import load_config, placeholder_fields  # noqa: E402
@@ -203,10 +203,7 @@ WORDS = "a the red blue green cat dog square circle moving left right up down".s
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layouts")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {fam: save(str(root / fam)) for fam, save in SAVERS.items()}
+    return save_all_tiny_layouts(str(tmp_path_factory.mktemp("layouts")))
 
 
 @pytest.fixture(scope="module")

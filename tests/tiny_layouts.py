@@ -172,3 +172,14 @@ def save_tiny_hunyuan(directory: str, seed: int = 0) -> str:
 
 
 SAVERS = {"modelscope": save_tiny_modelscope, "wan": save_tiny_wan, "hunyuan": save_tiny_hunyuan}
+
+
+def save_all_tiny_layouts(root: str) -> dict[str, str]:
+    """Every family's tiny model saved under root/<family>; {family: directory}. Library warnings about the tiny
+    sizes are silenced."""
+    import os
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {family: save(os.path.join(root, family)) for family, save in SAVERS.items()}
