@@ -102,6 +102,10 @@ def parse_args(argv=None):
                    help="share of VTM video negatives that are the clip's counterfactual (its direction or relation "
                         "swapped, rendered with the same layout seed) instead of an in-batch clip; 0 (the shipped "
                         "model) renders no counterfactuals")
+    p.add_argument("--quality_negative_prob", type=float, default=0.0,
+                   help="share of clips that also enter the text->video contrast as a degraded copy (blur, pixel noise, "
+                        "brightness flicker, frame shuffle, at random strengths; ``degrade``) that no caption matches, so "
+                        "the joint-space cosine -- the quality reward -- ranks a clean clip above its degraded copy; 0: none")
     p.add_argument("--init_from", default=None,
                    help="start from a saved world VLM (e.g. one with tubelet 4): same widths/depths; a longer tubelet's "
                         "patch kernel is folded onto the shorter one and the position embedding resampled in time")
@@ -161,6 +165,29 @@ def counterfactual_spec(spec: S.SceneSpec, rng: np.random.Generator) -> S.SceneS
     return options[int(rng.integers(len(options)))].spec
 
 
+QUALITY_DEGRADATIONS = ("blur", "noise", "flicker", "shuffle")
+
+
+def degrade(video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """One clip ``(T, 3, H, W)`` degraded along one quality axis at a random strength (``pisces_fast.training.
+    distortions``): blur sigma U(0.4, 2), pixel noise std U(0.02, 0.15), brightness flicker U(0.05, 0.3), or a
+    frame shuffle (a block of frames or all of them). The strengths are drawn from ranges, so the cosine learns a
+    graded signal rather than one operator's fingerprint."""
+    from pisces_fast.training import distortions as D
+
+    kind = QUALITY_DEGRADATIONS[int(rng.integers(len(QUALITY_DEGRADATIONS)))]
+    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+    if kind == "blur":
+        return D.gaussian_blur(video, float(rng.uniform(0.4, 2.0)))
+    if kind == "noise":
+        return D.add_noise(video, float(rng.uniform(0.02, 0.15)), generator=gen)
+    if kind == "flicker":
+        return D.brightness_flicker(video, float(rng.uniform(0.05, 0.3)), generator=gen)
+    if rng.random() < 0.5:
+        return D.shuffle_blocks(video[None], 1.0, gen)[0]
+    return D.shuffle_frames(video, generator=gen)
+
+
 def render_pool(n: int, split: str, seed: int, chunk: int = 256, progress: bool = True, counterfactuals: bool = True):
     """``n`` clips of ``split`` as uint8 ``(n, T, 3, H, W)`` (4x less memory than float) with their specs, and
     for each its counterfactual clip (``counterfactual_spec``; a zero clip and ``None`` where there is none)."""
@@ -186,11 +213,12 @@ def step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, 101, step])
 
 
-def make_batch(pool, batch_size: int, rng: np.random.Generator):
-    """A batch of (clip, caption, attribute-swapped caption, counterfactual clip or None), all drawn from ``rng``."""
+def make_batch(pool, batch_size: int, rng: np.random.Generator, quality_negative_prob: float = 0.0):
+    """A batch of (clip, caption, attribute-swapped caption, counterfactual clip or None, degraded clip or None), all
+    drawn from ``rng``."""
     pool_videos, pool_specs, cf_videos, cf_specs = pool
     idx = rng.choice(len(pool_specs), size=batch_size, replace=False)
-    videos, captions, negatives, counterfactuals, cf_captions = [], [], [], [], []
+    videos, captions, negatives, counterfactuals, cf_captions, degraded = [], [], [], [], [], []
     for i in idx:
         cf = cf_videos[i].float() / 255.0 if cf_specs[i] is not None else None
         video, spec, cf, cf_spec = augment(pool_videos[i].float() / 255.0, pool_specs[i], rng.random() < 0.5,
@@ -202,7 +230,8 @@ def make_batch(pool, batch_size: int, rng: np.random.Generator):
         negatives.append(options[int(rng.choice(len(options), p=weights / weights.sum()))].caption)
         counterfactuals.append(cf)
         cf_captions.append(S.caption_of(cf_spec) if cf_spec is not None else None)
-    return torch.stack(videos), captions, negatives, counterfactuals, cf_captions
+        degraded.append(degrade(video, rng) if quality_negative_prob > 0 and rng.random() < quality_negative_prob else None)
+    return torch.stack(videos), captions, negatives, counterfactuals, cf_captions, degraded
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -260,29 +289,36 @@ def pixels_of(model: InternVideo2, videos: torch.Tensor) -> torch.Tensor:
 
 
 def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.random.Generator,
-           counterfactuals=None, cf_captions=None, counterfactual_prob: float = 0.5):
-    """VTC (with swapped captions and counterfactual clips as extra negatives) + class-balanced VTM; see the
-    module docstring. ``counterfactuals[i]`` is clip ``i`` with its direction or relation swapped (or None)."""
+           counterfactuals=None, cf_captions=None, counterfactual_prob: float = 0.5, degraded=None):
+    """VTC (with swapped captions, counterfactual clips and degraded clips as extra negatives) + class-balanced VTM;
+    see the module docstring. ``counterfactuals[i]`` is clip ``i`` with its direction or relation swapped (or None);
+    ``degraded[i]`` is clip ``i`` degraded (``degrade``, or None): a text->video negative only, matched by no caption
+    and kept out of VTM, so quality enters the cosine (the quality reward) and not the matching head (the semantic one)."""
     b = len(captions)
     counterfactuals = counterfactuals or [None] * b
     cf_captions = cf_captions or [None] * b
     cf_of = [i for i in range(b) if counterfactuals[i] is not None]  # clips that have a counterfactual
     video_caps = captions + [cf_captions[i] for i in cf_of]
     texts = captions + negatives + [cf_captions[i] for i in cf_of]
-    all_videos = torch.cat([videos, torch.stack([counterfactuals[i] for i in cf_of])]) if cf_of else videos
+    deg_of = [i for i, d in enumerate(degraded or []) if d is not None]  # clips that have a degraded copy
+    degraded = [degraded[i] for i in deg_of]
+    all_videos = torch.cat([videos] + ([torch.stack([counterfactuals[i] for i in cf_of])] if cf_of else [])
+                           + ([torch.stack(degraded)] if degraded else []))
+    n_captioned = len(video_caps)  # the degraded clips come last and have no caption
     enc = tokenizer(texts, padding="longest", truncation=True, max_length=MAX_TEXT_LEN, return_tensors="pt")
     with torch.no_grad():
         model.temp.clamp_(0.01, 0.5)
     hidden, mask = model.encode_text(enc["input_ids"], enc["attention_mask"])
     tokens, pooled, _, grid = model.encode_vision(pixels_of(model, all_videos))
+    tokens = tokens[:n_captioned]  # VTM never sees the degraded clips
     frame_idx, coords = model.video_positions(grid, tokens.device)
     v = F.normalize(model.vision_proj(pooled), dim=-1)
     t = F.normalize(model.text_proj(hidden[:, 0]), dim=-1)
     sim = v @ t.T / model.temp  # (videos, texts)
     # Several clips of a batch can share a caption, and a swapped caption can be another clip's caption.
-    same = torch.tensor([[tj == vc for tj in texts] for vc in video_caps])
-    targets = same.float() / same.float().sum(1, keepdim=True)
-    loss_v2t = -(F.log_softmax(sim, dim=1) * targets).sum(1).mean()
+    same = torch.tensor([[tj == vc for tj in texts] for vc in video_caps + [None] * len(degraded)])
+    targets = same[:n_captioned].float() / same[:n_captioned].float().sum(1, keepdim=True)
+    loss_v2t = -(F.log_softmax(sim[:n_captioned], dim=1) * targets).sum(1).mean()
     # The clips' own captions (and their counterfactuals' captions) are contrasted over every clip.
     has_video = torch.ones(len(texts), dtype=torch.bool)
     has_video[b:2 * b] = False
@@ -331,6 +367,9 @@ def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.
         "vtm_acc_pos": acc[:b].mean().detach(),
         "vtm_acc_swap": swap_acc.mean().detach() if len(swap_acc) else nan,
         "vtm_acc_counterfactual": cf_acc.mean().detach() if len(cf_acc) else nan,
+        # how often a caption's cosine ranks its clean clip above the clip's degraded copy (the quality signal)
+        "cos_clean_gt_degraded": ((sim[deg_of, deg_of] > sim[n_captioned + torch.arange(len(deg_of)), deg_of])
+                                  .float().mean().detach() if deg_of else nan),
         "temp": model.temp.detach().clone(),
     }
 
@@ -449,6 +488,18 @@ def reward_metrics(backbone: InternVideo2Backbone, specs: list, n: int, seed: in
     return out
 
 
+@torch.no_grad()
+def quality_metrics(backbone: InternVideo2Backbone, videos: torch.Tensor, captions: list, seed: int) -> dict:
+    """How often the caption's cosine (the plain quality reward) ranks the clean clip above a degraded copy, per
+    degradation at the reward-validity benchmark's fixed strengths (blur 1, noise 0.05, flicker 0.15, shuffle)."""
+    from pisces_fast.training import distortions as D
+
+    degraded = {"blur": D.gaussian_blur(videos, 1.0), "noise": D.add_noise(videos, 0.05, seed=seed),
+                "flicker": D.brightness_flicker(videos, 0.15, seed=seed), "shuffle": D.shuffle_frames(videos, seed=seed)}
+    _, clean = pair_scores(backbone, videos, captions)
+    return {k: float((clean > pair_scores(backbone, v, captions)[1]).float().mean()) for k, v in degraded.items()}
+
+
 def evaluate(backbone: InternVideo2Backbone, args, progress: bool) -> dict:
     backbone.eval()
     metrics = {}
@@ -456,6 +507,7 @@ def evaluate(backbone: InternVideo2Backbone, args, progress: bool) -> dict:
         batch = S.make_clips(n, split=split, seed=args.seed + 1000)  # fresh clips (train: a seed the pool never used)
         metrics[split] = {"retrieval": retrieval_r1(backbone, batch.videos, batch.captions)}
         metrics[split]["swap"] = swap_metrics(backbone, batch.videos, batch.specs, args.seed)
+        metrics[split]["cos_clean_gt_degraded"] = quality_metrics(backbone, batch.videos, batch.captions, args.seed)
         if split == "heldout" and args.reward_pairs > 0:
             metrics[split]["rewards"] = reward_metrics(backbone, batch.specs, args.reward_pairs, args.seed)
     return metrics
@@ -523,7 +575,7 @@ def plot_history(history: list, path: str):
         axes[0].plot(steps, [h[key] for h in history], label=key)
     axes[0].set_title("losses")
     axes[0].legend()
-    for key in ("vtm_acc_pos", "vtm_acc_swap", "vtm_acc_counterfactual"):
+    for key in ("vtm_acc_pos", "vtm_acc_swap", "vtm_acc_counterfactual", "cos_clean_gt_degraded"):
         axes[1].plot(steps, [h.get(key, float("nan")) for h in history], label=key)
     axes[1].set_title("train VTM accuracy (running)")
     axes[1].legend()
@@ -581,24 +633,27 @@ def main(argv=None):
     t_start = time.time() - elapsed
     while step < args.steps:
         rng = step_rng(args.seed, step)
-        videos, captions, negatives, counterfactuals, cf_captions = make_batch(pool, args.batch_size, rng)
+        videos, captions, negatives, counterfactuals, cf_captions, degraded = make_batch(
+            pool, args.batch_size, rng, args.quality_negative_prob)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         out = losses(model, tokenizer, videos, captions, negatives, rng, counterfactuals, cf_captions,
-                     args.counterfactual_prob)
+                     args.counterfactual_prob, degraded)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        for k in ("loss_vtc", "loss_vtm", "vtm_acc_pos", "vtm_acc_swap", "vtm_acc_counterfactual", "temp"):
+        for k in ("loss_vtc", "loss_vtm", "vtm_acc_pos", "vtm_acc_swap", "vtm_acc_counterfactual", "cos_clean_gt_degraded",
+                  "temp"):
             if not math.isnan(float(out[k])):
                 running[k] = 0.9 * running.get(k, float(out[k])) + 0.1 * float(out[k])
         if step % 10 == 0 or step == args.steps:
             history.append({"step": step, **{k: round(v, 5) for k, v in running.items()}})
             bar.set_postfix(vtc=f"{running['loss_vtc']:.3f}", vtm=f"{running['loss_vtm']:.3f}",
                             swap_acc=f"{running['vtm_acc_swap']:.2f}",
-                            cf_acc=f"{running.get('vtm_acc_counterfactual', float('nan')):.2f}")
+                            cf_acc=f"{running.get('vtm_acc_counterfactual', float('nan')):.2f}",
+                            q_acc=f"{running.get('cos_clean_gt_degraded', float('nan')):.2f}")
         bar.update(1)
         if step % args.save_every == 0 and step < args.steps:
             save_state(ckpt_dir, model, optimizer, step, history, time.time() - t_start)
