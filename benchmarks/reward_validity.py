@@ -268,6 +268,14 @@ def _acc(stat) -> str:
     return "–" if m != m else f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
+def semantics_fixed(pools: list, target: List[np.ndarray]) -> List[np.ndarray]:
+    """``target`` with the clips of a wrong scene (the "wrong <kind>" renders) masked out (NaN): the sub-pool of clips
+    that all show the prompt's scene -- real, generated, degraded -- where Quality is the only thing that varies by
+    design. The quality reward is a cosine *with the prompt*, so on the whole pool a wrong-colour clip (clean, Quality
+    1.0) scores low for its semantics; this sub-pool asks whether it also ranks the same scene by Quality."""
+    return [np.where([label.startswith("wrong ") for label in pool["labels"]], np.nan, t) for pool, t in zip(pools, target)]
+
+
 def markdown(table: dict, dims_table: dict, meta: dict) -> str:
     lines = [
         f"Pools: {meta['prompts']} held-out prompts × {meta['pool_size']} clips (up to: {', '.join(meta['pool_labels'])}); "
@@ -314,6 +322,9 @@ def main(argv=None) -> dict:
     rewards = score_rewards(reward_variants(backbone, ot_map), pools)
     table = validity_table(rewards, {k: targets[k] for k in TARGETS}, args.bootstrap, args.seed)
     dims_table = validity_table(rewards, {k: targets[k] for k in DIMENSIONS}, args.bootstrap, args.seed)
+    quality_rewards = {k: v for k, v in rewards.items() if k.startswith("quality")}
+    same_scene = validity_table(quality_rewards, {"quality": semantics_fixed(pools, targets["quality"])}, args.bootstrap,
+                                args.seed)
     labels = list(dict.fromkeys(label for pool in pools for label in pool["labels"]))
     sizes = [len(pool["labels"]) for pool in pools]
     meta = {"prompts": len(prompts), "pool_size": f"{min(sizes)}–{max(sizes)}", "pool_labels": labels,
@@ -327,10 +338,15 @@ def main(argv=None) -> dict:
                 by_label.setdefault(label, {}).setdefault(k, []).append(clip[k])
     pool_means = {label: {k: float(np.mean(v)) for k, v in d.items()} for label, d in by_label.items()}
     os.makedirs(args.out, exist_ok=True)
-    result = {"meta": meta, "table": table, "dimensions": dims_table, "pool_means": pool_means, "prompts": prompts}
+    result = {"meta": meta, "table": table, "dimensions": dims_table, "quality_same_scene": same_scene,
+              "pool_means": pool_means, "prompts": prompts}
     with open(os.path.join(args.out, "reward_validity.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     md = markdown(table, dims_table, meta)
+    md += ("\nThe quality rewards on the clips that show the prompt's scene (real, generated, degraded; no \"wrong\" "
+           "renders), against Quality:\n\n| reward variant | Spearman | Kendall | pairwise acc. |\n|---|---|---|---|\n")
+    md += "".join(f"| {name} | {_cell(st['quality']['spearman'])} | {_cell(st['quality']['kendall'])} | "
+                  f"{_acc(st['quality']['pairwise'])} |\n" for name, st in same_scene.items())
     md += "\nAnalyzer scores of each kind of clip (mean over prompts):\n\n| clip | total | quality | semantic |\n|---|---|---|---|\n"
     md += "".join(f"| {label} | {v['total']:.3f} | {v['quality']:.3f} | {v['semantic']:.3f} |\n"
                   for label, v in pool_means.items())

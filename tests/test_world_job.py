@@ -115,3 +115,21 @@ def test_library_does_not_import_the_world_or_eval():
             assert not re.search(r"(from|import)\s+(pisces_fast\.world|\.\.?world\b)", text), rel
         if rel.startswith("training/"):
             assert not re.search(r"(from|import)\s+(pisces_fast\.eval|\.\.eval)", text), rel
+
+
+def test_default_grids_compare_like_with_like(tmp_path):
+    """The default evaluation: the teacher over DDIM and the consistency sampler at CFG 1 and 3; every student row
+    (its own consistency sampler) has the same row in the teacher's grid, so each difference is the training's;
+    "after" is the 4-step student. DDIM 50 stays one override away (FULL_TEACHER_GRID)."""
+    from pisces_fast.world.config import FULL_TEACHER_GRID, row_key
+
+    cfg = world_config_from_argv(["--model.path", str(tmp_path)])
+    teacher = {row_key(r) for r in cfg.world.teacher_grid}
+    student = {row_key(r) for r in cfg.world.student_grid}
+    assert {s for s, _, _ in teacher} == {"ddim", "consistency"} and {g for _, _, g in teacher} == {1.0, 3.0}
+    assert student <= teacher and {s for s, _, _ in student} == {"consistency"}
+    assert row_key(cfg.world.student_row) == ("consistency", 4, 3.0)
+    assert teacher < {row_key(r) for r in FULL_TEACHER_GRID}
+    full = world_config_from_argv(["--model.path", str(tmp_path), "--world.teacher_grid",
+                                   json.dumps(FULL_TEACHER_GRID)])
+    assert ("ddim", 50, 3.0) in {row_key(r) for r in full.world.teacher_grid}
