@@ -72,12 +72,13 @@ def implementations(device: torch.device, iters: int, with_compile: bool, with_p
             continue  # the Triton interpreter is a correctness tool, not something to time
         impls[backend] = functools.partial(sinkhorn_unbalanced, eps=EPS, mass=MASS, max_iter=iters, tol=0.0,
                                            backend=backend)
-        if backend == "cpp":
+        if backend in ("cpp", "triton"):
             # kernel_dtype="auto" (the row above) stores the kernel in float16 at this setting; each storage
             # explicitly, through the public API:
             for kd in ("float32", "bfloat16", "float16"):
-                impls[f"cpp-{kd}"] = functools.partial(sinkhorn_unbalanced, eps=EPS, mass=MASS, max_iter=iters,
-                                                       tol=0.0, backend=backend, kernel_dtype=kd)
+                impls[f"{backend}-{kd}"] = functools.partial(sinkhorn_unbalanced, eps=EPS, mass=MASS,
+                                                             max_iter=iters, tol=0.0, backend=backend, kernel_dtype=kd)
+        if backend == "cpp":
             # The same kernel without the public API's input validation (NaN/Inf scans etc.).
             from pisces_fast.ops import cpp
 

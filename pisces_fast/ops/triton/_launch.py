@@ -62,27 +62,29 @@ def launch_device(device: torch.device):
     return contextlib.nullcontext()
 
 
-# Fraction of the L2 cache the persistent solvers' live operands may fill. The whole of it: at the
-# paper's shape one operand per SM (132 x 40 x 2176 x 4 B = 46 MB on an H100) fits its 50 MB L2, and
-# capping lower (0.8 gave 120 programs) left 12 SMs idle and cost a sixth round of problems.
-L2_BUDGET = 1.0
-
-
 @functools.lru_cache(maxsize=None)
-def _device_limits(index: int):
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, int(getattr(props, "L2_cache_size", 50 * 2**20))
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def solve_programs(problems: int, device: torch.device, footprint_bytes: int) -> int:
-    """Programs of the persistent Sinkhorn solvers.
+def programs_per_sm(num_warps: int) -> int:
+    """Persistent programs that fit one SM together: the register file (64K 32-bit registers) holds
+    ``65536 / (32 num_warps maxnreg)`` of them at the cap ``persistent_launch_options`` sets (255,
+    allocated as 256): two 4-warp programs, one 8-warp program."""
+    return max(1, 65536 // (32 * num_warps * 256))
 
-    Each resident program keeps one problem's operand (``footprint_bytes``: N x M plus the log v
-    buffer) hot while it iterates. On GPU: one program per SM, but no more than fit in L2 together,
-    so that every iteration after the first reads L2 rather than HBM (40 x 2049 fp32 at the padded
-    stride 2176: ~365 KB each, all 132 SMs of an H100/H200 with its 50 MB L2). ``PISCES_FAST_TRITON_SOLVE_PROGRAMS``
-    overrides the count (benchmarks / tuning). The interpreter runs programs one after the other,
-    so one program does.
+
+def solve_programs(problems: int, device: torch.device, num_warps: int) -> int:
+    """Programs of the persistent Sinkhorn solvers: as many as fit on the GPU at once
+    (``programs_per_sm`` per SM), each taking problems from an atomic counter.
+
+    Measured on an H200 at the paper's shape (benchmarks/RESULTS.md, ``benchmarks/triton_tuning.py``):
+    the sweep is bound by its per-tile reductions and issue rate, not by memory: two 4-warp programs
+    per SM with 32 elements per thread ran 1.8x faster than one 8-warp program with 16, and the float32
+    operands of 264 programs (96 MB, beyond the 60 MB L2) ran as fast as the float16 ones (48 MB, in
+    L2), so the count is no longer capped to what fits in L2. ``PISCES_FAST_TRITON_SOLVE_PROGRAMS``
+    overrides the count (benchmarks / tuning). The interpreter runs programs one after the other, so
+    one program does.
     """
     override = os.environ.get("PISCES_FAST_TRITON_SOLVE_PROGRAMS")
     if override:
@@ -93,17 +95,17 @@ def solve_programs(problems: int, device: torch.device, footprint_bytes: int) ->
         if count < 1:
             raise ValueError(f"PISCES_FAST_TRITON_SOLVE_PROGRAMS must be a positive int, got {override!r}")
     elif device.type == "cuda":
-        sms, l2 = _device_limits(device.index if device.index is not None else torch.cuda.current_device())
-        count = min(sms, max(1, int(L2_BUDGET * l2) // max(1, footprint_bytes)))
+        sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        count = sms * programs_per_sm(num_warps)
     else:
         count = 1
     return max(1, min(problems, count))
 
 
 def persistent_launch_options(device: torch.device, num_warps: int = 8) -> dict:
-    """Extra launch options of the persistent solvers: they run one program per SM, so the register
-    file (64K 32-bit registers) is theirs: 255 per thread at 8 warps, 128 at 16. Left alone, ptxas
-    aims at two programs per SM and caps them lower, which spills (``python -m
+    """Extra launch options of the persistent solvers: the register file (64K 32-bit registers) is
+    theirs (``programs_per_sm``): 255 per thread at 4 and 8 warps, 128 at 16. Left alone, ptxas aims at
+    more programs per SM and caps them lower, which spills (``python -m
     pisces_fast.ops.triton.compile_report`` shows registers and spills per kernel)."""
     if device.type != "cuda":
         return {}

@@ -177,11 +177,12 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
                    **i32("H", "N", "M", "MS", "D", "n_blocks")},
                   dict(common, BN=bn, BM=cfg["cost"][0], BD=bd, BRB=brb, **dot), cfg["cost"][1], {}))
     for scaling in (True, False):
+        abn, abm, aw = sk.sinkhorn_blocks(n, m, dtype, dev, scaling_only=scaling)  # as ot_attention_forward
         specs.append((f"attn_solve_{'scaling' if scaling else 'log'}", at._attn_solve_kernel,
                       {**f("SCRATCH", "GBUF", "ROWST", "PART", "RANGES", "LOGV"), **masks, **f("PARAMS"),
                        "COUNTER": "*i32", **i32("P", "H", "N", "M", "MS", "n_blocks", "max_iter")},
-                      dict(common, SCALING=scaling, BN=sbn, BM=sbm, BRB=brb, FAST_LOG=sk.fast_log(dtype, dev)), sw,
-                      persistent_launch_options(dev, sw)))
+                      dict(common, SCALING=scaling, BN=abn, BM=abm, BRB=brb, FAST_LOG=sk.fast_log(dtype, dev)), aw,
+                      persistent_launch_options(dev, aw)))
     specs.append(("attn_fuse", at._attn_fuse_kernel,
                   {**f("Q", "K", "V", "T", "S"), **masks, **f("OUT", "PLAN", "ROWST", "LOGV", "RANGES", "YBUF", "PARAMS"),
                    **i32("H", "N", "M", "D", "DV")},

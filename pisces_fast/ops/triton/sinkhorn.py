@@ -199,9 +199,8 @@ def _solve(KS, G, N, MS, offs_n, rv, log_mu, log_nu, row_lse, tau, LK, shift, to
     * log: an element-wise online log-sum-exp (one exponential per entry), merged per row at the end.
 
     The next tile is loaded (into registers) before the current one is reduced: the loads of tile
-    j+1 are in flight during the arithmetic of tile j, wrapping around to the next iteration's first
-    tile. (``tl.reduce`` rather than ``tl.sum``: the Triton interpreter pays ~1 ms per device-function
-    call; ``_sweep_tile`` costs two calls per pair of tiles.)
+    j+1 are in flight during the arithmetic of tile j. (``tl.reduce`` rather than ``tl.sum``: the Triton
+    interpreter pays ~1 ms per device-function call; ``_sweep_tile`` costs two calls per pair of tiles.)
 
     ``RESIDENT`` (the on-chip 16-bit path, see ``_sinkhorn_kernel``): the operand's loads are cached in
     the SM's L1 with the ``L1::evict_last`` policy, so that once the first sweep has brought
@@ -220,8 +219,11 @@ def _solve(KS, G, N, MS, offs_n, rv, log_mu, log_nu, row_lse, tau, LK, shift, to
     cur = 0
     it = 0
     done = 0
-    # Tiles are loaded one ahead, two per trip (t0 is loop-carried, t1 local), so no register copies.
-    t0 = _load_tile(KS, rows, offs_b, RESIDENT, OFFSETS_LAST)
+    # Tiles are loaded one ahead, two per trip (t0 carried by the sweep loop, t1 local), so no register
+    # copies. t0 is loaded afresh at the top of each sweep, not carried over from the previous one: a tile
+    # carried through both the while and the for loop crashes Triton 3.6's RemoveLayoutConversions pass
+    # (the Triton that torch 2.11 ships; tests/test_triton_compile.py builds with it in CI). The last
+    # trip's load (wrapped to the first tile) is then unused: one L1/L2 hit per sweep.
     while (it < max_iter) & (done == 0):
         if SCALING:
             fmax = tl.reduce(tl.where(rv, fn, NEG), 0, MAX)
@@ -235,12 +237,13 @@ def _solve(KS, G, N, MS, offs_n, rv, log_mu, log_nu, row_lse, tau, LK, shift, to
         acc = tl.full((BN, BM), 0.0, DT)
         m2 = tl.full((BN, BM), NEG, DT)
         dvv = tl.full((BM,), 0.0, DT)
+        t0 = _load_tile(KS, rows, offs_b, RESIDENT, OFFSETS_LAST)
         for j0 in tl.range(0, MS, 2 * BM, num_stages=1):
             offs_1 = j0 + BM + offs_b
             t1 = _load_tile(KS, rows, offs_1, RESIDENT, OFFSETS_LAST)
             dvv, acc, m2 = _sweep_tile(t0, j0 + offs_b, G, cur, MS, w, a0, c_v, log_nu, tau, dvv, acc, m2, SCALING, FAST_LOG)
             j2 = j0 + 2 * BM
-            offs_2 = tl.where(j2 < MS, j2, 0) + offs_b  # wraps around to the next iteration's first tile
+            offs_2 = tl.where(j2 < MS, j2, 0) + offs_b
             t0 = _load_tile(KS, rows, offs_2, RESIDENT, OFFSETS_LAST)
             dvv, acc, m2 = _sweep_tile(t1, offs_1, G, cur, MS, w, a0, c_v, log_nu, tau, dvv, acc, m2, SCALING, FAST_LOG)
         if SCALING:
@@ -322,7 +325,8 @@ def _sinkhorn_kernel(
     KERNEL_FP16), so that the host can refuse a requested 16-bit storage that was not honoured.
 
     Traffic model of the 16-bit path (paper shape 40 x 2049, padded stride 2176, H100 SXM, 132 SMs,
-    1.755 GHz; not measured: no GPU has been lent):
+    1.755 GHz; written before a GPU was lent — measured on an H200 the sweep is latency-bound per tile,
+    ~4x slower than this model, see benchmarks/RESULTS.md "GPU"):
 
     * bytes per problem-iteration: the operand once, 40 x 2176 x 2 B = 174 KB (float32: 348 KB), plus
       the log v ping-pong (read + write of 2176 x 4 B, 17 KB);
@@ -504,24 +508,31 @@ def solver_param_values(eps: float, mass: float, tol: float, dtype: torch.dtype)
     return vals
 
 
-def sinkhorn_blocks(n: int, m: int, dtype: torch.dtype, device: torch.device):
+def sinkhorn_blocks(n: int, m: int, dtype: torch.dtype, device: torch.device, scaling_only: bool = False):
     """(BN, BM, num_warps) for the Sinkhorn sweeps: all rows in one tile.
 
-    On GPU a tile holds 4K fp32 / 2K fp64 elements over 8 warps (16 registers per thread per tile):
-    the sweep keeps two tiles in flight plus the element-wise row-sum accumulator (and, in the log
-    domain, its running max), which at 64 x 64 (N = 40) is 174-225 registers without spills on
-    sm_80 and sm_90a (persistent, one program per SM, so the whole register file is the
-    program's; tests/test_triton_compile.py). The interpreter pays per op, not per element, so it
-    gets whole-problem tiles.
+    On GPU a tile holds 4K fp32 / 2K fp64 elements. ``scaling_only`` (a launch whose every problem runs
+    the scaling-domain sweep, as the fused ot_attention's, whose domain the host knows), float32 and
+    N <= 128: over 4 warps (32 elements per thread), two persistent programs per SM
+    (``_launch.programs_per_sm``). Timed on an H200 at the paper's shape (benchmarks/RESULTS.md,
+    benchmarks/triton_tuning.py): 84.5 us per iteration for 640 problems against 155 us with 8 warps
+    (16 per thread, one program per SM) and 132 us with 4 warps at 2048-element tiles: the sweep pays
+    per tile (the column reduction, the per-column log v update), so more elements per tile, with a
+    second program per SM to overlap the reductions, is what counts. Otherwise 8 warps (16 registers
+    per thread per tile): a kernel that may also run the log-domain sweep (its element-wise running max
+    besides the accumulator) spills at 32 per thread (64-420 B on sm_80 / sm_90a), as do N > 128 tiles.
+    No spills at the paper and largest shapes on sm_80 / sm_90a (tests/test_triton_compile.py). The
+    interpreter pays per op, not per element, so it gets whole-problem tiles.
     """
     bn = next_pow2(max(n, 16))
     if device.type == "cuda":
         tile = 2048 if dtype == torch.float64 else 4096
+        warps = 4 if (scaling_only and dtype == torch.float32 and bn <= 128) else 8
     else:
-        tile = 16384
+        tile, warps = 16384, 8
     # At least one 16-byte vector per row (4 fp32 / 2 fp64); many rows get narrow tiles.
     bm = max(16 // (8 if dtype == torch.float64 else 4), min(next_pow2(m), tile // bn))
-    return bn, bm, 8
+    return bn, bm, warps
 
 
 def fast_log(dtype: torch.dtype, device: torch.device) -> bool:
@@ -683,8 +694,7 @@ def sinkhorn_forward(
     plan = torch.empty_like(cost)
     bn, bm, num_warps = sinkhorn_blocks(n, m, cost.dtype, cost.device)
     ms = padded_stride(m, max(16, 2 * bm))
-    live_bytes = (n * (2 if k16 else cost.element_size()) + 2 * cost.element_size()) * ms  # operand + log v
-    programs = solve_programs(p, cost.device, live_bytes)
+    programs = solve_programs(p, cost.device, num_warps)
     scratch = torch.empty((programs, n, ms), dtype=cost.dtype, device=cost.device)
     scratch16 = (torch.empty((programs, n, ms), dtype=torch.bfloat16 if k16 == KERNEL_BF16.value else torch.float16,
                              device=cost.device) if k16 else scratch)
