@@ -230,6 +230,36 @@ def test_sinkhorn_16bit_on_chip_and_streaming_agree_bitwise():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kernel_dtype", ["float32", "auto"])
+def test_sinkhorn_two_pass_launch_matches_the_single_one(kernel_dtype):
+    """The two-pass launch (scaling-domain problems first, the others deferred to a log-domain pass; on a
+    GPU each pass has its own blocks) gives every problem the same plan (bitwise where the blocks are the
+    same), iteration count and storage code as the single launch, on a batch that mixes float16, float32-scaling and log-domain problems,
+    with masks; and the log-domain problems really took the second pass (within float32 of the reference)."""
+    base = torch.rand(5, 7, 37, dtype=torch.float64)
+    # T ~ 20 (float16 under auto), ~ 30 (float32 scaling), ~ 1000 (log), ~ 20, ~ 1000
+    cost = torch.stack([base[0], 1.5 * base[1], 50.0 * base[2], base[3], 50.0 * base[4]])
+    rows, cols = _masks(5, 7, 37)
+    kw = dict(eps=0.05, mass=0.9, max_iter=25, tol=0.0, row_mask=rows, col_mask=cols)
+    ref = reference.sinkhorn_unbalanced(cost, **kw)
+    c32, r, c = _dev(cost.float(), rows, cols)
+    one = sinkhorn_forward(c32, r, c, 0.05, 0.9, 25, 0.0, kernel_dtype=kernel_dtype, return_n_iter=True,
+                           return_storage=True, two_pass=False)
+    two = sinkhorn_forward(c32, r, c, 0.05, 0.9, 25, 0.0, kernel_dtype=kernel_dtype, return_n_iter=True,
+                           return_storage=True, two_pass=True)
+    # Same blocks under the interpreter: bitwise. On a GPU the scaling pass runs 4 warps where the single
+    # launch runs 8, so its sums are reduced in another order: float32 rounding apart.
+    if c32.is_cuda:
+        assert _rel(two[0], one[0]) < 1e-5
+    else:
+        assert torch.equal(two[0], one[0])
+    assert torch.equal(two[1], one[1]) and torch.equal(two[2], one[2])
+    assert two[2].cpu().tolist()[2] == two[2].cpu().tolist()[4] == 1  # KERNEL_NATIVE, never left "deferred"
+    assert _rel(two[0][[2, 4]], ref[[2, 4]]) < 1e-5
+    with pytest.raises(ValueError, match="two_pass needs domain=0"):
+        sinkhorn_forward(c32, r, c, 0.05, 0.9, 2, 0.0, domain=1, two_pass=True)
+
+
 def test_sinkhorn_16bit_per_problem_choice_and_refusals():
     """auto: float16 per problem only where it applies (scaling domain, T <= 20.79), else float32 —
     recorded per problem; an explicit 16-bit request a problem cannot honour is a ValueError."""

@@ -33,7 +33,7 @@ rows = cr.report(arch, shape)
 print(cr.format_table(rows))
 for r in rows:
     print("ROW", r.name, r.registers, r.spill_stores, r.spill_loads, r.shared, r.loop_instructions,
-          r.onchip_loop_instructions)
+          r.onchip_loop_instructions, r.sweep_local_memory)
 """
 
 
@@ -59,16 +59,37 @@ def test_kernels_compile_without_spills(arch, shape):
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(proc.stdout)  # the per-kernel report, visible with -s / in the CI log
     rows = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    assert len(rows) == 10, proc.stdout
-    spilled = [(name, st, ld) for name, _, st, ld, _, _, _ in rows if int(st) or int(ld)]
-    assert not spilled, f"register spills (kernel, store bytes, load bytes) on sm_{arch} at {shape}: {spilled}"
-    too_big = [(name, smem) for name, _, _, _, smem, _, _ in rows if int(smem) > SHARED_LIMIT[arch]]
+    # + the standalone solver's two-pass kernels where the scaling sweep has its own blocks (N <= 128)
+    assert len(rows) == (13 if shape == "paper" else 10), proc.stdout
+    _check_spills(rows, f"sm_{arch} at {shape}")
+    too_big = [(name, smem) for name, _, _, _, smem, *_ in rows if int(smem) > SHARED_LIMIT[arch]]
     assert not too_big, f"shared memory over the sm_{arch} limit: {too_big}"
     # The on-chip 16-bit Sinkhorn: its sweep's tile loads carry the L1 evict-last policy (the operand
     # stays on the SM across sweeps), and they are the only ones that do.
-    onchip = {name: loop for name, *_, loop in rows}
+    onchip = {name: loop for name, _, _, _, _, _, loop, _ in rows}
     assert onchip["sinkhorn_fp16_onchip"] != "None" and onchip["sinkhorn_bf16_onchip"] != "None", proc.stdout
     assert all(loop == "None" for name, loop in onchip.items() if "onchip" not in name), proc.stdout
+
+
+# The standalone solver's scaling pass runs 32 elements per thread (4 warps, 4096-element tiles; 1.8x faster
+# per iteration on an H200 than the spill-free 8-warp blocks, benchmarks/RESULTS.md): ptxas keeps a few
+# loop-invariant values (row pointers, per-problem scalars) in local memory, reloaded once per sweep or per
+# problem. Allowed there only: at most this many bytes, and no local-memory instruction inside the sweep.
+SCALING_PASS_SPILL_BYTES = 64
+
+
+def _check_spills(rows, where):
+    spilled = []
+    for name, _, st, ld, _, _, _, local in rows:
+        st, ld, local = int(st), int(ld), int(local)
+        if local:
+            spilled.append((name, st, ld, f"{local} LDL/STL inside the sweep"))
+        elif "scaling_pass" in name:
+            if max(st, ld) > SCALING_PASS_SPILL_BYTES:
+                spilled.append((name, st, ld))
+        elif st or ld:
+            spilled.append((name, st, ld))
+    assert not spilled, f"register spills (kernel, store bytes, load bytes) on {where}: {spilled}"
 
 
 @pytest.mark.slow
@@ -93,6 +114,5 @@ def test_kernels_compile_with_an_older_triton(arch):
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(probe.stdout, proc.stdout)
-    spilled = [line.split()[1] for line in proc.stdout.splitlines()
-               if line.startswith("ROW") and (int(line.split()[3]) or int(line.split()[4]))]
-    assert not spilled, f"register spills with Triton {probe.stdout.split()[0]}: {spilled}"
+    rows = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    _check_spills(rows, f"sm_{arch}, paper shape, Triton {probe.stdout.split()[0]}")

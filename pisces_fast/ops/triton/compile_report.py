@@ -43,6 +43,10 @@ class KernelReport:
     # The on-chip Sinkhorn kernels: SASS instructions of one trip of the sweep whose tile loads carry the
     # L1 evict-last policy (``LDG.E.EL``): None where no loop has such loads.
     onchip_loop_instructions: Optional[int] = None
+    # Local-memory instructions (LDL / STL: spill traffic) inside the hot loop or the on-chip sweep: what a
+    # spill costs per iteration. Spills elsewhere (loop-invariant values reloaded once per sweep or per
+    # problem) cost next to nothing.
+    sweep_local_memory: int = 0
 
     @property
     def spills(self) -> int:
@@ -88,13 +92,16 @@ def innermost_loop_instructions(cubin: bytes) -> Optional[int]:
     return _loop_counts(cubin)[0]
 
 
+_LOCAL_MEMORY = re.compile(r"^(LDL|STL)")
+
+
 def _loop_counts(cubin: bytes):
     """(hot loop, on-chip sweep) instruction counts: the first as ``innermost_loop_instructions``; the
     second of the innermost loop whose global loads carry the L1 evict-last policy (``LDG.E.EL``), the
     on-chip Sinkhorn sweep (sinkhorn._load_tile with RESIDENT), None where there is none."""
     cuobjdump = _tool("cuobjdump")
     if not os.path.exists(cuobjdump):
-        return None, None
+        return None, None, 0
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as fh:
@@ -114,11 +121,12 @@ def _loop_counts(cubin: bytes):
     loops = [lp for lp in loops if len(body(lp)) >= 32]
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     if not innermost:
-        return None, None
+        return None, None, 0
     hot = max(innermost, key=lambda lp: sum(op.startswith(("F", "MUFU", "HMMA", "DMMA", "DFMA", "DADD", "DMUL"))
                                             for op in body(lp)))
     resident = [lp for lp in innermost if any(op.startswith("LDG") and ".EL" in op for op in body(lp))]
-    return len(body(hot)), (len(body(resident[0])) if resident else None)
+    local = sum(bool(_LOCAL_MEMORY.match(op)) for lp in {hot, *resident[:1]} for op in body(lp))
+    return len(body(hot)), (len(body(resident[0])) if resident else None), local
 
 
 def _build(fn, args: dict, consts: dict, arch: int, num_warps: int, **options):
@@ -154,7 +162,8 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
     sk_sig = lambda scratch16: {**f("COST", "PLAN", "SCRATCH"), "SCRATCH16": scratch16, **f("GBUF"),  # noqa: E731
                                 "RM": "*u8", "CM": "*u8", **f("PARAMS"), "N_ITER": "*i32", "STORAGE": "*i32",
                                 "COUNTER": "*i32", **i32("P", "N", "M", "MS", "max_iter")}
-    sk_consts = dict(HAS_RM=True, HAS_CM=True, DOMAIN=0, BN=sbn, BM=sbm, FAST_LOG=sk.fast_log(dtype, dev))
+    sk_consts = dict(HAS_RM=True, HAS_CM=True, DOMAIN=0, BN=sbn, BM=sbm, FAST_LOG=sk.fast_log(dtype, dev),
+                     PASS=sk.PASS_ALL.value)
     specs.append(("sinkhorn", sk._sinkhorn_kernel, sk_sig("*" + dts), dict(sk_consts, K16=0, RESIDENT=False), sw,
                   persistent_launch_options(dev, sw)))
     # The 16-bit kernel storage (kernel_dtype="auto" picks float16 at the paper's m = 0.9), on chip
@@ -164,6 +173,18 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
                                ("sinkhorn_bf16_onchip", sk.KERNEL_BF16.value, "*bf16")):
             specs.append((name, sk._sinkhorn_kernel, sk_sig(ty), dict(sk_consts, K16=code, RESIDENT=True), sw,
                           persistent_launch_options(dev, sw)))
+    # The two-pass launch of the standalone solver (sinkhorn_forward, where the scaling sweep has blocks of
+    # its own): the scaling pass (float32 and float16 kernels) and the deferred log-domain pass.
+    _, _, pw = sk.sinkhorn_blocks(n, m, dtype, dev, scaling_only=True)
+    if pw != sw:
+        for name, code, ty in (("sinkhorn_scaling_pass", 0, "*" + dts), ("sinkhorn_fp16_onchip_scaling_pass", sk.KERNEL_FP16.value,
+                                                                           "*fp16")):
+            specs.append((name, sk._sinkhorn_kernel, sk_sig(ty),
+                          dict(sk_consts, K16=code, RESIDENT=bool(code), PASS=sk.PASS_DEFER_LOG.value), pw,
+                          persistent_launch_options(dev, pw)))
+        specs.append(("sinkhorn_log_pass", sk._sinkhorn_kernel, sk_sig("*" + dts),
+                      dict(sk_consts, DOMAIN=1, K16=0, RESIDENT=False, PASS=sk.PASS_ONLY_DEFERRED.value), sw,
+                      persistent_launch_options(dev, sw)))
     cfg = at._blocks(n, m, d, d, dtype, dev)
     bn, bd = cfg["bn"], cfg["bd"]
     n_blocks = -(-n // bn)
@@ -206,20 +227,21 @@ def report(arch: int, shape: str, only: Optional[List[str]] = None, sass: bool =
             continue
         kernel = _build(fn, sig, consts, arch, warps, **options)
         stats = _ptxas_verbose(kernel.asm["ptx"], arch)
-        loop, onchip = _loop_counts(kernel.asm["cubin"]) if sass else (None, None)
+        loop, onchip, local = _loop_counts(kernel.asm["cubin"]) if sass else (None, None, 0)
         rows.append(KernelReport(name, f"sm_{arch}{'a' if arch >= 90 else ''}", shared=int(kernel.metadata.shared),
-                                 loop_instructions=loop, onchip_loop_instructions=onchip, **stats))
+                                 loop_instructions=loop, onchip_loop_instructions=onchip,
+                                 sweep_local_memory=local, **stats))
     return rows
 
 
 def format_table(rows: List[KernelReport]) -> str:
     lines = ["| kernel | arch | registers | spill stores / loads (B) | shared memory (B) | hot-loop SASS instructions "
-             "| on-chip sweep SASS instructions |",
-             "|---|---|---|---|---|---|---|"]
+             "| on-chip sweep SASS instructions | spill instructions in the sweep |",
+             "|---|---|---|---|---|---|---|---|"]
     dash = lambda x: "-" if x is None else x  # noqa: E731
     for r in rows:
         lines.append(f"| {r.name} | {r.arch} | {r.registers} | {r.spill_stores} / {r.spill_loads} | {r.shared} | "
-                     f"{dash(r.loop_instructions)} | {dash(r.onchip_loop_instructions)} |")
+                     f"{dash(r.loop_instructions)} | {dash(r.onchip_loop_instructions)} | {r.sweep_local_memory} |")
     return "\n".join(lines)
 
 
@@ -239,7 +261,8 @@ def main(argv=None) -> int:
             for r in got:
                 r.name = f"{r.name} ({shape})"
                 print(f"{r.name:32s} {r.arch:6s} regs={r.registers:3d} spill={r.spill_stores}/{r.spill_loads} "
-                      f"smem={r.shared} loop={r.loop_instructions} onchip_loop={r.onchip_loop_instructions}",
+                      f"smem={r.shared} loop={r.loop_instructions} onchip_loop={r.onchip_loop_instructions} "
+                      f"sweep_local_memory={r.sweep_local_memory}",
                       flush=True)
             rows += got
     print(format_table(rows))

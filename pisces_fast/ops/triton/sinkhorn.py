@@ -101,6 +101,14 @@ FLOAT16_MAX_RANGE = tl.constexpr(20.79)
 # kernel_dtype="auto" stores float16 only where the a-priori plan error bound is <= this.
 KERNEL16_AUTO_PLAN_RTOL = 1e-2
 
+# Two-pass launch of the standalone solver (see sinkhorn_forward): DEFER_LOG solves the scaling-domain
+# problems and marks the others STORAGE_DEFERRED; ONLY_DEFERRED then solves exactly those, in the log
+# domain, each pass compiled with only its own sweep (and so with its own, spill-free, blocks).
+PASS_ALL = tl.constexpr(0)
+PASS_DEFER_LOG = tl.constexpr(1)
+PASS_ONLY_DEFERRED = tl.constexpr(2)
+STORAGE_DEFERRED = tl.constexpr(-1)
+
 DOMAIN_AUTO = tl.constexpr(0)
 DOMAIN_LOG = tl.constexpr(1)
 DOMAIN_SCALING = tl.constexpr(2)  # only valid when every problem's range / eps <= the scaling max
@@ -301,12 +309,25 @@ def _prepare_scaling(cost, ks, cm, rv, offs_n, in_n, lo, inv_eps, M, MS, HAS_CM:
 
 
 @triton.jit
+def _next_problem(COUNTER, STORAGE, P, PASS: tl.constexpr):
+    """The next problem index from the atomic counter (>= P: none left); PASS_ONLY_DEFERRED skips the
+    problems the first pass solved (STORAGE written by the previous launch, so it is visible here)."""
+    prob = tl.atomic_add(COUNTER, 1)
+    if PASS == PASS_ONLY_DEFERRED:
+        flag = tl.load(STORAGE + prob, mask=prob < P, other=STORAGE_DEFERRED)
+        while flag != STORAGE_DEFERRED:
+            prob = tl.atomic_add(COUNTER, 1)
+            flag = tl.load(STORAGE + prob, mask=prob < P, other=STORAGE_DEFERRED)
+    return prob
+
+
+@triton.jit
 def _sinkhorn_kernel(
     COST, PLAN, SCRATCH, SCRATCH16, GBUF, RM, CM, PARAMS, N_ITER, STORAGE, COUNTER,
     P, N, M, MS, max_iter,
     HAS_RM: tl.constexpr, HAS_CM: tl.constexpr, DOMAIN: tl.constexpr,
     BN: tl.constexpr, BM: tl.constexpr, FAST_LOG: tl.constexpr,
-    K16: tl.constexpr = 0, RESIDENT: tl.constexpr = False,
+    K16: tl.constexpr = 0, RESIDENT: tl.constexpr = False, PASS: tl.constexpr = 0,
 ):
     """Persistent solver: each program takes problems from an atomic counter until none is left.
 
@@ -323,6 +344,10 @@ def _sinkhorn_kernel(
     widened to float32 (sums and potentials float32, the plan from the exact cost); the others take
     the exact log domain. ``STORAGE[p]`` records what problem p used (KERNEL_NATIVE / KERNEL_BF16 /
     KERNEL_FP16), so that the host can refuse a requested 16-bit storage that was not honoured.
+
+    PASS (see sinkhorn_forward): PASS_ALL solves every problem; PASS_DEFER_LOG compiles no log-domain
+    sweep and records STORAGE_DEFERRED for the problems that need it; PASS_ONLY_DEFERRED (launched with
+    DOMAIN_LOG) takes only those from the counter.
 
     Traffic model of the 16-bit path (paper shape 40 x 2049, padded stride 2176, H100 SXM, 132 SMs,
     1.755 GHz; written before a GPU was lent — measured on an H200 the sweep is latency-bound per tile,
@@ -360,7 +385,7 @@ def _sinkhorn_kernel(
     offs_n = tl.arange(0, BN)
     in_n = offs_n < N
 
-    prob = tl.atomic_add(COUNTER, 1)
+    prob = _next_problem(COUNTER, STORAGE, P, PASS)
     while prob < P:
         pid = prob.to(tl.int64)
         cost = COST + pid * N * M
@@ -437,6 +462,12 @@ def _sinkhorn_kernel(
             f, cur, n_iter = _solve(ks, g_buf, N, MS, offs_n, rv, log_mu, log_nu, LK + tl.log(r_sum), tau,
                                     LK, shift, tol, max_iter, True, BN, BM, DT, FAST_LOG)
             tl.store(STORAGE + pid, KERNEL_NATIVE)
+        elif PASS == PASS_DEFER_LOG:
+            # Left to the log-domain pass: no plan, no iteration count written here.
+            tl.store(STORAGE + pid, STORAGE_DEFERRED)
+            f = tl.full((BN,), 0.0, DT)
+            cur = pid.to(tl.int32) * 0
+            n_iter = cur - 1
         else:
             m_run = tl.full((BN,), NEG, DT)
             s_run = tl.full((BN,), 0.0, DT)
@@ -461,9 +492,13 @@ def _sinkhorn_kernel(
             tl.store(STORAGE + pid, KERNEL_NATIVE)
 
         tl.store(N_ITER + pid, n_iter)
+        if PASS == PASS_DEFER_LOG:
+            m_out = tl.where(n_iter < 0, 0, M)  # a deferred problem's plan is the log pass's to write
+        else:
+            m_out = M
         # plan = exp(log u + log K + log v), as the reference writes it; padding exactly 0 (the
         # solve's last barrier made the final log v writes visible).
-        for j0 in range(0, M, BM):
+        for j0 in range(0, m_out, BM):
             offs_m = j0 + tl.arange(0, BM)
             in_m = offs_m < M
             if HAS_CM:
@@ -478,7 +513,7 @@ def _sinkhorn_kernel(
             tl.store(plan + ptrs, p, mask=in_n[:, None] & in_m[None, :])
         # The next problem reuses this program's scratch and log v buffer.
         tl.debug_barrier()
-        prob = tl.atomic_add(COUNTER, 1)
+        prob = _next_problem(COUNTER, STORAGE, P, PASS)
 
 
 def scaling_domain_ok(exponent_range: float, tau: float, n: int, m: int, dtype: torch.dtype) -> bool:
@@ -512,7 +547,8 @@ def sinkhorn_blocks(n: int, m: int, dtype: torch.dtype, device: torch.device, sc
     """(BN, BM, num_warps) for the Sinkhorn sweeps: all rows in one tile.
 
     On GPU a tile holds 4K fp32 / 2K fp64 elements. ``scaling_only`` (a launch whose every problem runs
-    the scaling-domain sweep, as the fused ot_attention's, whose domain the host knows), float32 and
+    the scaling-domain sweep: the fused ot_attention's, whose domain the host knows, and the standalone
+    solver's first pass, which defers the others to a second, log-domain launch), float32 and
     N <= 128: over 4 warps (32 elements per thread), two persistent programs per SM
     (``_launch.programs_per_sm``). Timed on an H200 at the paper's shape (benchmarks/RESULTS.md,
     benchmarks/triton_tuning.py): 84.5 us per iteration for 640 problems against 155 us with 8 warps
@@ -666,6 +702,7 @@ def sinkhorn_forward(
     kernel_dtype: str = "float32",
     onchip: Optional[bool] = None,
     return_storage: bool = False,
+    two_pass: Optional[bool] = None,
 ):
     """Launch the fused solver on ``cost (P, N, M)``; returns the plan (same dtype), and with
     ``return_n_iter`` also the per-problem count of accepted updates (int32, like the reference's),
@@ -676,7 +713,9 @@ def sinkhorn_forward(
     ``kernel_dtype``: as OTConfig's (see ``kernel16_code``); "bfloat16" / "float16" that a problem
     cannot honour is a ValueError after the launch (this reads the P storage codes back: one
     device-to-host copy, on explicit 16-bit requests only). ``onchip``: None = ``sinkhorn_path``'s
-    choice; True / False force the on-chip / streaming 16-bit sweep (tests, benchmarks).
+    choice; True / False force the on-chip / streaming 16-bit sweep (tests, benchmarks). ``two_pass``:
+    None = where the scaling sweep has blocks of its own (float32 on a GPU, N <= 128); True forces the
+    two launches (tests: the interpreter), False the single one.
     """
     if domain not in (0, 1):
         raise ValueError(f"domain must be 0 (auto) or 1 (log), got {domain!r}")
@@ -693,26 +732,38 @@ def sinkhorn_forward(
     cost = cost.contiguous()
     plan = torch.empty_like(cost)
     bn, bm, num_warps = sinkhorn_blocks(n, m, cost.dtype, cost.device)
+    # Two passes where the scaling sweep has faster blocks of its own (sinkhorn_blocks): the first runs the
+    # scaling-domain problems with them and defers the rest, the second runs only the deferred ones, in
+    # the log domain. Both launches are queued at once: no host sync, a problem is solved exactly once.
+    _, bm_scaling, warps_scaling = sinkhorn_blocks(n, m, cost.dtype, cost.device, scaling_only=True)
+    if two_pass is None:
+        two_pass = domain == 0 and warps_scaling != num_warps
+    if two_pass and (domain != 0 or bm_scaling != bm):
+        raise ValueError("two_pass needs domain=0 and one tile width for both passes")
+    passes = [(PASS_DEFER_LOG.value, warps_scaling, 0, k16), (PASS_ONLY_DEFERRED.value, num_warps, 1, 0)] \
+        if two_pass else [(PASS_ALL.value, num_warps, domain, k16)]
     ms = padded_stride(m, max(16, 2 * bm))
-    programs = solve_programs(p, cost.device, num_warps)
+    programs = max(solve_programs(p, cost.device, w) for _, w, _, _ in passes)
     scratch = torch.empty((programs, n, ms), dtype=cost.dtype, device=cost.device)
     scratch16 = (torch.empty((programs, n, ms), dtype=torch.bfloat16 if k16 == KERNEL_BF16.value else torch.float16,
                              device=cost.device) if k16 else scratch)
     g_buf = torch.empty((programs, 2, ms), dtype=cost.dtype, device=cost.device)
     n_iter = torch.empty((p,), dtype=torch.int32, device=cost.device)
     storage = torch.empty((p,), dtype=torch.int32, device=cost.device)
-    counter = torch.zeros((1,), dtype=torch.int32, device=cost.device)
+    counters = torch.zeros((len(passes),), dtype=torch.int32, device=cost.device)
     params = solver_params(eps, mass, tol, cost.dtype, cost.device)
     rm, cm = _as_u8(row_mask), _as_u8(col_mask)
     with launch_device(cost.device):
-        _sinkhorn_kernel[(programs,)](
-            cost, plan, scratch, scratch16, g_buf, rm if rm is not None else g_buf, cm if cm is not None else g_buf,
-            params, n_iter, storage, counter,
-            p, n, m, ms, max_iter,
-            HAS_RM=rm is not None, HAS_CM=cm is not None, DOMAIN=domain,
-            BN=bn, BM=bm, FAST_LOG=fast_log(cost.dtype, cost.device), K16=k16, RESIDENT=resident,
-            num_warps=num_warps, **persistent_launch_options(cost.device, num_warps),
-        )
+        for i, (pass_, warps, pass_domain, pass_k16) in enumerate(passes):
+            _sinkhorn_kernel[(solve_programs(p, cost.device, warps),)](
+                cost, plan, scratch, scratch16, g_buf, rm if rm is not None else g_buf,
+                cm if cm is not None else g_buf, params, n_iter, storage, counters[i:],
+                p, n, m, ms, max_iter,
+                HAS_RM=rm is not None, HAS_CM=cm is not None, DOMAIN=pass_domain,
+                BN=bn, BM=bm, FAST_LOG=fast_log(cost.dtype, cost.device), K16=pass_k16,
+                RESIDENT=resident and bool(pass_k16), PASS=pass_,
+                num_warps=warps, **persistent_launch_options(cost.device, warps),
+            )
     if kernel_dtype in ("bfloat16", "float16"):
         _raise_unhonoured(storage, k16, kernel_dtype, cost, row_mask, col_mask, eps, unbalanced_exponent(eps, mass))
     out = (plan,)
