@@ -35,8 +35,8 @@ N, M, D, B, H, ITERS = 40, 2049, 64, 40, 16, 100
 SINKHORN = [  # (warps, tile elements, programs per SM)
     (8, 4096, 1), (8, 2048, 1), (4, 2048, 1), (4, 2048, 2), (4, 4096, 2),
 ]
-DOT = [  # (row block, column tile, warps) of fuse / dq / dk-dv
-    (32, 16, 8), (32, 32, 8), (64, 32, 8), (32, 64, 8),
+DOT = [  # (row block, column tile, warps, fuse num_stages or None) of fuse / dq / dk-dv
+    (32, 16, 8, None), (32, 32, 8, None), (32, 32, 8, 1), (64, 32, 8, None), (32, 64, 8, None), (32, 64, 8, 1),
 ]
 
 
@@ -63,7 +63,7 @@ def sinkhorn_config(warps: int, tile: int, per_sm: int):
 
 
 @contextlib.contextmanager
-def dot_config(rows: int, cols: int, warps: int):
+def dot_config(rows: int, cols: int, warps: int, fuse_stages=None):
     original = at._blocks
 
     def blocks(n, m, d, dv, dtype, device):
@@ -71,6 +71,8 @@ def dot_config(rows: int, cols: int, warps: int):
         cfg["bn"] = min(cfg["bn"], rows) if rows <= 32 else rows
         for k in ("fuse", "dq", "dkdv"):
             cfg[k] = (cols, warps)
+        if fuse_stages is not None:  # software pipelining of fuse's key / value loads off (fewer registers)
+            cfg["fuse_options"] = {"num_stages": fuse_stages}
         return cfg
 
     at._blocks = blocks
@@ -88,10 +90,10 @@ def compile_candidates(arch: int) -> None:
             rows = cr.report(arch, "paper", ["sinkhorn", "sinkhorn_fp16_onchip", "attn_solve_scaling"], sass=False)
         print(f"sinkhorn warps={w} tile={t}: " + "; ".join(
             f"{r.name} regs={r.registers} spills={r.spill_stores}/{r.spill_loads}" for r in rows), flush=True)
-    for bn, bm, w in DOT:
-        with dot_config(bn, bm, w):
+    for bn, bm, w, st in DOT:
+        with dot_config(bn, bm, w, st):
             rows = cr.report(arch, "paper", ["attn_fuse", "attn_bwd_dq", "attn_bwd_dkdv"], sass=False)
-        print(f"dot rows={bn} cols={bm} warps={w}: " + "; ".join(
+        print(f"dot rows={bn} cols={bm} warps={w} fuse stages={st}: " + "; ".join(
             f"{r.name} regs={r.registers} spills={r.spill_stores}/{r.spill_loads} smem={r.shared}" for r in rows),
             flush=True)
 
@@ -161,7 +163,7 @@ def time_candidates(defaults_only: bool = False) -> list:
         out.backward(dout.double())
         base = [out.detach()] + [x.grad for x in leaves]  # errors below: vs this float64 reference
     for dc in dot_configs:
-        bn, bm, w = dc if dc else ("default",) * 3
+        bn, bm, w, st = dc if dc else ("default",) * 4
         with (dot_config(*dc) if dc else contextlib.nullcontext()):
             out, leaves = fwd_bwd()
             got = [out.detach()] + [x.grad for x in leaves]
@@ -170,7 +172,7 @@ def time_candidates(defaults_only: bool = False) -> list:
             err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, base))
             ms = bench(fwd_bwd)
             kt = kernel_times(fwd_bwd)
-        row = dict(family="dot", rows=bn, cols=bm, warps=w, fwd_bwd_ms=round(ms, 3), vs_first_max_rel=f"{err:.1e}", **kt)
+        row = dict(family="dot", rows=bn, cols=bm, warps=w, fuse_stages=st, fwd_bwd_ms=round(ms, 3), vs_first_max_rel=f"{err:.1e}", **kt)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

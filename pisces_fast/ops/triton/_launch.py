@@ -82,7 +82,9 @@ def solve_programs(problems: int, device: torch.device, num_warps: int) -> int:
     the sweep is bound by its per-tile reductions and issue rate, not by memory: two 4-warp programs
     per SM with 32 elements per thread ran 1.8x faster than one 8-warp program with 16, and the float32
     operands of 264 programs (96 MB, beyond the 60 MB L2) ran as fast as the float16 ones (48 MB, in
-    L2), so the count is no longer capped to what fits in L2. ``PISCES_FAST_TRITON_SOLVE_PROGRAMS``
+    L2), so the count is no longer capped to what fits in L2 (which left large-N problems a handful of
+    programs: 6 at N = 1024). The per-program scratch (programs x N x padded M) is never more than the
+    padded cost itself, since programs <= problems. ``PISCES_FAST_TRITON_SOLVE_PROGRAMS``
     overrides the count (benchmarks / tuning). The interpreter runs programs one after the other, so
     one program does.
     """

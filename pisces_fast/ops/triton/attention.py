@@ -838,7 +838,7 @@ def ot_attention_forward(
             ranges, y, params,
             h, n, m, d, dv,
             WRITE_PLAN=bool(return_plan), BN=bn, BM=cfg["fuse"][0], BD=cfg["bd"], BDV=cfg["bdv"],
-            num_warps=cfg["fuse"][1], **flags, **dot,
+            num_warps=cfg["fuse"][1], **flags, **dot, **cfg.get("fuse_options", {}),
         )
     return out, plan, row_stats, log_v, ranges, y
 

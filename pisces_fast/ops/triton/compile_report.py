@@ -207,7 +207,8 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
     specs.append(("attn_fuse", at._attn_fuse_kernel,
                   {**f("Q", "K", "V", "T", "S"), **masks, **f("OUT", "PLAN", "ROWST", "LOGV", "RANGES", "YBUF", "PARAMS"),
                    **i32("H", "N", "M", "D", "DV")},
-                  dict(common, WRITE_PLAN=True, BN=bn, BM=cfg["fuse"][0], BD=bd, BDV=bd, **dot), cfg["fuse"][1], {}))
+                  dict(common, WRITE_PLAN=True, BN=bn, BM=cfg["fuse"][0], BD=bd, BDV=bd, **dot), cfg["fuse"][1],
+                  dict(cfg.get("fuse_options", {}))))
     specs.append(("attn_bwd_dq", at._attn_bwd_dq_kernel,
                   {**f("Q", "K", "V", "T", "S"), **masks,
                    **f("DOUT", "OUT", "ROWST", "LOGV", "RANGES", "YBUF", "DE", "PARAMS", "DQ"), **i32("H", "N", "M", "D", "DV")},
