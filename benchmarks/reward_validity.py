@@ -276,7 +276,7 @@ def semantics_fixed(pools: list, target: List[np.ndarray]) -> List[np.ndarray]:
     return [np.where([label.startswith("wrong ") for label in pool["labels"]], np.nan, t) for pool, t in zip(pools, target)]
 
 
-def markdown(table: dict, dims_table: dict, meta: dict) -> str:
+def markdown(table: dict, dims_table: dict, meta: dict, same_scene: dict) -> str:
     lines = [
         f"Pools: {meta['prompts']} held-out prompts × {meta['pool_size']} clips (up to: {', '.join(meta['pool_labels'])}); "
         f"VLM `{meta['vlm']}`; OT map {meta['ot_map']}. Mean over prompts [95% bootstrap CI].",
@@ -297,6 +297,10 @@ def markdown(table: dict, dims_table: dict, meta: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(
             "–" if per_dim[d]["pairwise"][0] != per_dim[d]["pairwise"][0] else f"{per_dim[d]['pairwise'][0]:.2f}"
             for d in dims) + " |")
+    lines += ["", "The quality rewards on the clips that show the prompt's scene (real, generated, degraded; no \"wrong\" "
+              "renders), against Quality:", "", "| reward variant | Spearman | Kendall | pairwise acc. |", "|---|---|---|---|"]
+    lines += [f"| {name} | {_cell(st['quality']['spearman'])} | {_cell(st['quality']['kendall'])} | "
+              f"{_acc(st['quality']['pairwise'])} |" for name, st in same_scene.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -342,11 +346,7 @@ def main(argv=None) -> dict:
               "pool_means": pool_means, "prompts": prompts}
     with open(os.path.join(args.out, "reward_validity.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    md = markdown(table, dims_table, meta)
-    md += ("\nThe quality rewards on the clips that show the prompt's scene (real, generated, degraded; no \"wrong\" "
-           "renders), against Quality:\n\n| reward variant | Spearman | Kendall | pairwise acc. |\n|---|---|---|---|\n")
-    md += "".join(f"| {name} | {_cell(st['quality']['spearman'])} | {_cell(st['quality']['kendall'])} | "
-                  f"{_acc(st['quality']['pairwise'])} |\n" for name, st in same_scene.items())
+    md = markdown(table, dims_table, meta, same_scene)
     md += "\nAnalyzer scores of each kind of clip (mean over prompts):\n\n| clip | total | quality | semantic |\n|---|---|---|---|\n"
     md += "".join(f"| {label} | {v['total']:.3f} | {v['quality']:.3f} | {v['semantic']:.3f} |\n"
                   for label, v in pool_means.items())

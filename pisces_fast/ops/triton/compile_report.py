@@ -175,16 +175,18 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
                           persistent_launch_options(dev, sw)))
     # The two-pass launch of the standalone solver (sinkhorn_forward, where the scaling sweep has blocks of
     # its own): the scaling pass (float32 and float16 kernels) and the deferred log-domain pass.
-    _, _, pw = sk.sinkhorn_blocks(n, m, dtype, dev, scaling_only=True)
-    if pw != sw:
-        for name, code, ty in (("sinkhorn_scaling_pass", 0, "*" + dts), ("sinkhorn_fp16_onchip_scaling_pass", sk.KERNEL_FP16.value,
-                                                                           "*fp16")):
-            specs.append((name, sk._sinkhorn_kernel, sk_sig(ty),
-                          dict(sk_consts, K16=code, RESIDENT=bool(code), PASS=sk.PASS_DEFER_LOG.value), pw,
-                          persistent_launch_options(dev, pw)))
-        specs.append(("sinkhorn_log_pass", sk._sinkhorn_kernel, sk_sig("*" + dts),
-                      dict(sk_consts, DOMAIN=1, K16=0, RESIDENT=False, PASS=sk.PASS_ONLY_DEFERRED.value), sw,
-                      persistent_launch_options(dev, sw)))
+    for code, ty in ((0, "*" + dts), (sk.KERNEL_FP16.value, "*fp16")):
+        launches = sk.sinkhorn_launches(n, m, dtype, dev, k16=code)
+        if len(launches) == 1 or (code and dtype != torch.float32):
+            continue
+        scaling, log = launches
+        specs.append((f"sinkhorn{'_fp16_onchip' if code else ''}_scaling_pass", sk._sinkhorn_kernel, sk_sig(ty),
+                      dict(sk_consts, RESIDENT=bool(code), **{k: v for k, v in scaling.items() if k != "num_warps"}),
+                      scaling["num_warps"], persistent_launch_options(dev, scaling["num_warps"])))
+        if not code:  # the log pass is the same kernel whatever the first pass stored
+            specs.append(("sinkhorn_log_pass", sk._sinkhorn_kernel, sk_sig("*" + dts),
+                          dict(sk_consts, RESIDENT=False, **{k: v for k, v in log.items() if k != "num_warps"}),
+                          log["num_warps"], persistent_launch_options(dev, log["num_warps"])))
     cfg = at._blocks(n, m, d, d, dtype, dev)
     bn, bd = cfg["bn"], cfg["bd"]
     n_blocks = -(-n // bn)

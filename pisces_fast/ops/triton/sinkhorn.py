@@ -466,7 +466,7 @@ def _sinkhorn_kernel(
             # Left to the log-domain pass: no plan, no iteration count written here.
             tl.store(STORAGE + pid, STORAGE_DEFERRED)
             f = tl.full((BN,), 0.0, DT)
-            cur = pid.to(tl.int32) * 0
+            cur = pid.to(tl.int32) * 0  # int32 tensors, as _solve returns them (the branches must agree)
             n_iter = cur - 1
         else:
             m_run = tl.full((BN,), NEG, DT)
@@ -572,6 +572,26 @@ def sinkhorn_blocks(n: int, m: int, dtype: torch.dtype, device: torch.device, sc
     # At least one 16-byte vector per row (4 fp32 / 2 fp64); many rows get narrow tiles.
     bm = max(16 // (8 if dtype == torch.float64 else 4), min(next_pow2(m), tile // bn))
     return bn, bm, warps
+
+
+def sinkhorn_launches(n: int, m: int, dtype: torch.dtype, device: torch.device, domain: int = 0, k16: int = 0,
+                      two_pass: Optional[bool] = None) -> list:
+    """The standalone solver's launches: per launch the kernel's PASS, DOMAIN, K16 and num_warps.
+
+    Two passes where the scaling sweep has faster blocks of its own (``sinkhorn_blocks``, ``scaling_only``):
+    the first runs the scaling-domain problems with them and defers the rest, the second only the deferred
+    ones, in the log domain. Both are queued at once: no host sync, every problem solved exactly once.
+    ``two_pass``: None = that rule, True / False force it (tests)."""
+    warps = sinkhorn_blocks(n, m, dtype, device)[2]
+    warps_scaling = sinkhorn_blocks(n, m, dtype, device, scaling_only=True)[2]
+    if two_pass is None:
+        two_pass = domain == 0 and warps_scaling != warps
+    if not two_pass:
+        return [dict(PASS=PASS_ALL.value, DOMAIN=domain, K16=k16, num_warps=warps)]
+    if domain != 0:
+        raise ValueError("two_pass needs domain=0 (the per-problem choice)")
+    return [dict(PASS=PASS_DEFER_LOG.value, DOMAIN=DOMAIN_AUTO.value, K16=k16, num_warps=warps_scaling),
+            dict(PASS=PASS_ONLY_DEFERRED.value, DOMAIN=DOMAIN_LOG.value, K16=0, num_warps=warps)]
 
 
 def fast_log(dtype: torch.dtype, device: torch.device) -> bool:
@@ -734,19 +754,11 @@ def sinkhorn_forward(
     resident = bool(k16) and (path["onchip"] if onchip is None else bool(onchip))
     cost = cost.contiguous()
     plan = torch.empty_like(cost)
-    bn, bm, num_warps = sinkhorn_blocks(n, m, cost.dtype, cost.device)
-    # Two passes where the scaling sweep has faster blocks of its own (sinkhorn_blocks): the first runs the
-    # scaling-domain problems with them and defers the rest, the second runs only the deferred ones, in
-    # the log domain. Both launches are queued at once: no host sync, a problem is solved exactly once.
-    _, bm_scaling, warps_scaling = sinkhorn_blocks(n, m, cost.dtype, cost.device, scaling_only=True)
-    if two_pass is None:
-        two_pass = domain == 0 and warps_scaling != num_warps
-    if two_pass and (domain != 0 or bm_scaling != bm):
-        raise ValueError("two_pass needs domain=0 and one tile width for both passes")
-    passes = [(PASS_DEFER_LOG.value, warps_scaling, 0, k16), (PASS_ONLY_DEFERRED.value, num_warps, 1, 0)] \
-        if two_pass else [(PASS_ALL.value, num_warps, domain, k16)]
+    bn, bm, _ = sinkhorn_blocks(n, m, cost.dtype, cost.device)
+    passes = sinkhorn_launches(n, m, cost.dtype, cost.device, domain, k16, two_pass)
     ms = padded_stride(m, max(16, 2 * bm))
-    programs = max(solve_programs(p, cost.device, w) for _, w, _, _ in passes)
+    pass_programs = [solve_programs(p, cost.device, launch["num_warps"]) for launch in passes]
+    programs = max(pass_programs)
     scratch = torch.empty((programs, n, ms), dtype=cost.dtype, device=cost.device)
     scratch16 = (torch.empty((programs, n, ms), dtype=torch.bfloat16 if k16 == KERNEL_BF16.value else torch.float16,
                              device=cost.device) if k16 else scratch)
@@ -757,15 +769,14 @@ def sinkhorn_forward(
     params = solver_params(eps, mass, tol, cost.dtype, cost.device)
     rm, cm = _as_u8(row_mask), _as_u8(col_mask)
     with launch_device(cost.device):
-        for i, (pass_, warps, pass_domain, pass_k16) in enumerate(passes):
-            _sinkhorn_kernel[(solve_programs(p, cost.device, warps),)](
+        for i, (launch, launch_programs) in enumerate(zip(passes, pass_programs)):
+            _sinkhorn_kernel[(launch_programs,)](
                 cost, plan, scratch, scratch16, g_buf, rm if rm is not None else g_buf,
                 cm if cm is not None else g_buf, params, n_iter, storage, counters[i:],
                 p, n, m, ms, max_iter,
-                HAS_RM=rm is not None, HAS_CM=cm is not None, DOMAIN=pass_domain,
-                BN=bn, BM=bm, FAST_LOG=fast_log(cost.dtype, cost.device), K16=pass_k16,
-                RESIDENT=resident and bool(pass_k16), PASS=pass_,
-                num_warps=warps, **persistent_launch_options(cost.device, warps),
+                HAS_RM=rm is not None, HAS_CM=cm is not None, BN=bn, BM=bm,
+                FAST_LOG=fast_log(cost.dtype, cost.device), RESIDENT=resident and bool(launch["K16"]), **launch,
+                **persistent_launch_options(cost.device, launch["num_warps"]),
             )
     if kernel_dtype in ("bfloat16", "float16"):
         _raise_unhonoured(storage, k16, kernel_dtype, cost, row_mask, col_mask, eps, unbalanced_exponent(eps, mass))
