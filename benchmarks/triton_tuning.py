@@ -4,12 +4,15 @@
     python benchmarks/triton_tuning.py --defaults # on a GPU: the shipped defaults only, with the eager reference
     python benchmarks/triton_tuning.py --compile  # anywhere: ptxas registers / spills of every candidate (sm_90a)
 
-Two families, each swept with everything else at its default:
+Three families, each swept with everything else at its default:
 
 * ``sinkhorn``: warps per program, elements per sweep tile and persistent programs per SM of the Sinkhorn
   solvers (``sinkhorn.sinkhorn_blocks`` / ``_launch.solve_programs``), for the float32 and float16 kernel
-  storage. One program per SM with 8 warps (the default) leaves the sweep's per-tile reduction latency
+  storage. One program per SM with 8 warps (the first default) leaves the sweep's per-tile reduction latency
   exposed; two 4-warp programs per SM hide one behind the other.
+* ``attn_solve``: the same Sinkhorn candidates in the fused ``ot_attention`` solve (scaling domain, float32;
+  its device time from one profiled forward + backward), including 1- and 2-warp programs, 4-8 per SM, which
+  only the fused solve can take (the standalone scaling pass shares the log pass's tile width).
 * ``dot``: column-tile width and warps of the dot-product kernels (``attention._blocks``: fuse, dq, dk/dv).
 
 Timing: ``triton.testing.do_bench`` medians; per-kernel device times from one profiled call. The candidates
@@ -34,8 +37,13 @@ from pisces_fast.ops.triton import sinkhorn as sk  # noqa: E402
 N, M, D, B, H, ITERS = 40, 2049, 64, 40, 16, 100
 SINKHORN = [  # (warps, tile elements, programs per SM)
     (8, 4096, 1), (8, 2048, 1), (4, 2048, 1), (4, 2048, 2), (4, 4096, 2),
+    # More, smaller programs per SM (more independent tiles in flight to hide the per-tile reduction
+    # latency); spill-free in the fused solve on sm_80 / sm_90a. The standalone solver's scaling pass shares
+    # the log pass's tile width, which spills at 1-2 warps, so these are timed in the fused solve only.
+    (2, 2048, 4), (1, 1024, 8),
 ]
-DOT = [  # (row block, column tile, warps, fuse num_stages or None) of fuse / dq / dk-dv
+FUSED_ONLY_WARPS = (1, 2)
+DOT = [  # (row block, column tile, warps, fuse and dk/dv num_stages or None) of fuse / dq / dk-dv
     (32, 16, 8, None), (32, 32, 8, None), (32, 32, 8, 1), (64, 32, 8, None), (32, 64, 8, None), (32, 64, 8, 1),
 ]
 
@@ -45,7 +53,9 @@ def sinkhorn_config(warps: int, tile: int, per_sm: int):
     original = sk.sinkhorn_blocks
 
     def blocks(n, m, dtype, device, scaling_only=False):
-        bn, _, _ = original(n, m, dtype, device)
+        bn, bm, default_warps = original(n, m, dtype, device, scaling_only)
+        if not scaling_only:  # the candidate is the scaling sweep's; the log-domain pass keeps its blocks
+            return bn, bm, default_warps
         return bn, max(4, min(sk.next_pow2(m), tile // bn)), warps
 
     sk.sinkhorn_blocks = at.sinkhorn_blocks = blocks
@@ -71,8 +81,10 @@ def dot_config(rows: int, cols: int, warps: int, fuse_stages=None):
         cfg["bn"] = min(cfg["bn"], rows) if rows <= 32 else rows
         for k in ("fuse", "dq", "dkdv"):
             cfg[k] = (cols, warps)
-        if fuse_stages is not None:  # software pipelining of fuse's key / value loads off (fewer registers)
-            cfg["fuse_options"] = {"num_stages": fuse_stages}
+        # None: Triton's default software pipelining of the streamed loads (key / value in fuse, q / dout in
+        # dk/dv); 1: none (fewer registers)
+        stages = {} if fuse_stages is None else {"num_stages": fuse_stages}
+        cfg["fuse_options"], cfg["dkdv_options"] = stages, dict(stages)
         return cfg
 
     at._blocks = blocks
@@ -87,7 +99,7 @@ def compile_candidates(arch: int) -> None:
 
     for w, t, per_sm in SINKHORN:
         with sinkhorn_config(w, t, per_sm):
-            rows = cr.report(arch, "paper", ["sinkhorn", "sinkhorn_fp16_onchip", "attn_solve_scaling"], sass=False)
+            rows = cr.report(arch, "paper", ["sinkhorn_scaling_pass", "sinkhorn_fp16_onchip_scaling_pass", "attn_solve_scaling"], sass=False)
         print(f"sinkhorn warps={w} tile={t}: " + "; ".join(
             f"{r.name} regs={r.registers} spills={r.spill_stores}/{r.spill_loads}" for r in rows), flush=True)
     for bn, bm, w, st in DOT:
@@ -127,8 +139,30 @@ def time_candidates(defaults_only: bool = False) -> list:
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")  # noqa: E731
     sink_configs = [None] if defaults_only else SINKHORN
     dot_configs = [None] if defaults_only else DOT
+    t_idx, s_idx = video_token_positions(8, 16, 16, prefix_tokens=1, dtype=torch.float32, device=dev)
+    q, k, v, dout = (torch.randn(B, H, n, D, device=dev, generator=g) for n in (N, M, M, N))
+
+    def fwd_bwd():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = ot_attention(*leaves, t_idx, s_idx, eps=0.05, mass=0.9, max_iter=ITERS, tol=0.0, backend="triton")
+        out.backward(dout)
+        return out, leaves
+
+    if not defaults_only:  # the fused ot_attention solve (scaling domain, float32) per candidate
+        default_out = fwd_bwd()[0].detach()
+        for sc in SINKHORN:
+            with sinkhorn_config(*sc):
+                out = fwd_bwd()[0].detach()
+                solve_ms = kernel_times(fwd_bwd).get("_attn_solve_kernel")
+            err = float((out - default_out).abs().max() / default_out.abs().max())
+            row = dict(family="attn_solve", warps=sc[0], tile=sc[1], programs_per_sm=sc[2], solve_ms=solve_ms,
+                       out_vs_default_max_rel=f"{err:.1e}")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     for kd in ("float32", "float16"):
         for sc in sink_configs:
+            if sc and sc[0] in FUSED_ONLY_WARPS:
+                continue
             w, t, per_sm = sc if sc else ("default",) * 3
             with (sinkhorn_config(*sc) if sc else contextlib.nullcontext()):
                 fn = lambda: sinkhorn_unbalanced(cost, eps=0.05, mass=0.9, max_iter=ITERS, tol=0.0,  # noqa: E731
@@ -142,15 +176,6 @@ def time_candidates(defaults_only: bool = False) -> list:
                        us_per_iter=round((ms - ms2) / (ITERS - 2) * 1e3, 1), max_rel_err=f"{err:.1e}")
             print(json.dumps(row), flush=True)
             rows.append(row)
-    t_idx, s_idx = video_token_positions(8, 16, 16, prefix_tokens=1, dtype=torch.float32, device=dev)
-    q, k, v, dout = (torch.randn(B, H, n, D, device=dev, generator=g) for n in (N, M, M, N))
-
-    def fwd_bwd():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = ot_attention(*leaves, t_idx, s_idx, eps=0.05, mass=0.9, max_iter=ITERS, tol=0.0, backend="triton")
-        out.backward(dout)
-        return out, leaves
-
     base = None
     if defaults_only:  # the eager reference in the same run, for the ratio
         ref_fn = lambda: ot_attention(*[x.detach().requires_grad_() for x in (q, k, v)], t_idx, s_idx,  # noqa: E731

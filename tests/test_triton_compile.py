@@ -71,22 +71,27 @@ def test_kernels_compile_without_spills(arch, shape):
     assert all(loop == "None" for name, loop in onchip.items() if "onchip" not in name), proc.stdout
 
 
-# Kernels whose timed-faster blocks leave ptxas a few loop-invariant values (row pointers, per-problem
-# scalars) in local memory, reloaded once per sweep, per problem or per row block: the standalone solver's
-# scaling passes (32 elements per thread, 1.8x faster per iteration on an H200 than the spill-free 8-warp
-# blocks) and dk/dv at 32 columns (1.34x faster than 16; benchmarks/RESULTS.md). Allowed there only: at
-# most this many bytes, and no local-memory instruction inside the hot loop.
-LOOP_INVARIANT_SPILL_KERNELS = ("sinkhorn_scaling_pass", "sinkhorn_fp16_onchip_scaling_pass", "attn_bwd_dkdv")
+# Kernels whose timed-faster blocks leave ptxas a few loop-invariant values in local memory: the standalone
+# solver's scaling passes (32 elements per thread, 1.8x faster per iteration on an H200 than the spill-free
+# 8-warp blocks) keep the sweep's 8 per-row tile pointers (64 B, sm_80 float32 / 44-56 B, sm_90a float16),
+# stored once per program and reloaded at most once per sweep, never inside its tile loop (benchmarks/RESULTS.md).
+# Allowed there only: at most this many bytes, and no local-memory instruction inside the hot loop.
+LOOP_INVARIANT_SPILL_KERNELS = ("sinkhorn_scaling_pass", "sinkhorn_fp16_onchip_scaling_pass")
 LOOP_INVARIANT_SPILL_BYTES = 64
 
 
-def _check_spills(rows, where):
+# With Triton 3.6 (the GPU image's) on sm_80 only, dk/dv keeps 8 B of loop-invariant values in local memory
+# (none with 3.9, CI's Triton, on either target, nor with 3.6 on sm_90a, the timed one).
+COMPAT_SM80_LOOP_INVARIANT_SPILL_KERNELS = LOOP_INVARIANT_SPILL_KERNELS + ("attn_bwd_dkdv",)
+
+
+def _check_spills(rows, where, allowed=LOOP_INVARIANT_SPILL_KERNELS):
     spilled = []
     for name, _, st, ld, _, _, _, local in rows:
         st, ld, local = int(st), int(ld), int(local)
         if local:
             spilled.append((name, st, ld, f"{local} LDL/STL inside the sweep"))
-        elif name in LOOP_INVARIANT_SPILL_KERNELS:
+        elif name in allowed:
             if max(st, ld) > LOOP_INVARIANT_SPILL_BYTES:
                 spilled.append((name, st, ld))
         elif st or ld:
@@ -117,4 +122,5 @@ def test_kernels_compile_with_an_older_triton(arch):
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(probe.stdout, proc.stdout)
     rows = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    _check_spills(rows, f"sm_{arch}, paper shape, Triton {probe.stdout.split()[0]}")
+    _check_spills(rows, f"sm_{arch}, paper shape, Triton {probe.stdout.split()[0]}",
+                  COMPAT_SM80_LOOP_INVARIANT_SPILL_KERNELS if arch == 80 else LOOP_INVARIANT_SPILL_KERNELS)

@@ -719,11 +719,11 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 def _blocks(n: int, m: int, d: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and warps of the dot-product kernels.
 
-    GPU choices come from compiling for sm_80 and sm_90a and reading ptxas' register / spill /
-    shared-memory report (tests/test_triton_compile.py fails on any spill; not yet timed on
-    hardware): 32-row blocks (two at the paper's N = 40; 64-row blocks spilled 440 B in stats and
-    cost on sm_80) and 8 warps; wider heads get shorter row blocks so the tf32x3 operand copies stay
-    within registers and shared memory. The interpreter pays per op, so it gets whole-problem tiles.
+    GPU choices: the fastest configuration timed on an H200 (benchmarks/triton_tuning.py, RESULTS.md "GPU")
+    that ptxas compiles without spills for sm_80 and sm_90a (tests/test_triton_compile.py): 32-row blocks
+    (two at the paper's N = 40; 64-row blocks, 13 % faster in total, spilled 60-272 B) and 8 warps; wider
+    heads get shorter row blocks so the tf32x3 operand copies stay within registers and shared memory.
+    The interpreter pays per op, so it gets whole-problem tiles.
     """
     bd, bdv = next_pow2(max(d, 16)), next_pow2(max(dv, 16))
     if _BLOCK_OVERRIDE is not None:
@@ -738,17 +738,15 @@ def _blocks(n: int, m: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
     if dtype == torch.float64:
         cap = 16
     bn = min(next_pow2(max(n, 16)), cap)
-    # dk/dv with 128-wide heads: without software pipelining of the q / dout loads (their extra
-    # buffers spilled 8-12 B on sm_80).
-    # The backward at 32 columns where heads are <= 64 wide (timed on an H200 at the paper's shape,
-    # benchmarks/triton_tuning.py): dq 4.81 -> 2.66 ms (no spills), dk/dv 5.27 -> 3.94 ms (12-20 B of
-    # loop-invariant spills outside its key loop, which tests/test_triton_compile.py allows there). fuse at
-    # 32 (5.20 -> 2.95 ms) keeps spill traffic inside its loop on sm_90a with Triton 3.9, so it stays at 16;
-    # num_stages=1 removes that spill but is untimed.
-    bwd_cols = 32 if (wide <= 64 and dtype != torch.float64) else 16
-    return dict(bn=bn, bd=bd, bdv=bdv, stats=(64, 8), cost=(64, 8), fuse=(16, 8), dq=(bwd_cols, 8),
-                dkdv=(bwd_cols, 8),
-                dkdv_options={"num_stages": 1} if wide > 64 else {})
+    # 32-column tiles where heads are <= 64 wide (timed on an H200 at the paper's shape): fuse 5.16 -> 2.88 ms,
+    # dq 4.79 -> 2.66, dk/dv 5.25 -> 3.80 from 16 to 32 columns, fwd+bwd 26.7 -> 20.8 ms. fuse and dk/dv
+    # without software pipelining of their streamed loads (num_stages=1): pipelined, their extra buffers
+    # spilled (fuse 16 B inside its loop, dk/dv 12-20 B on sm_90a, Triton 3.6 and 3.9) and ran 1-4 % slower.
+    # dk/dv with 128-wide heads likewise (8-12 B on sm_80 otherwise).
+    cols = 32 if (wide <= 64 and dtype != torch.float64) else 16
+    unpipelined = {"num_stages": 1}
+    return dict(bn=bn, bd=bd, bdv=bdv, stats=(64, 8), cost=(64, 8), fuse=(cols, 8), dq=(cols, 8),
+                dkdv=(cols, 8), fuse_options=unpipelined if cols == 32 else {}, dkdv_options=unpipelined)
 
 
 def _as_u8(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
