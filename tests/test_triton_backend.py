@@ -406,10 +406,13 @@ def test_ot_attention_matches_reference(b, h, n, d, dv, grid, eps, mass, max_ite
     _check_attention(b, h, n, d, dv, grid, eps, mass, max_iter, tol, key_mask, query_mask)
 
 
-def test_ot_attention_several_row_and_key_blocks():
+@pytest.mark.parametrize("rows,stats_rows", [(16, 16), (16, 32), (32, 16)])
+def test_ot_attention_several_row_and_key_blocks(rows, stats_rows):
     """Small tiles force 2 row blocks (range partials combined across blocks, dq per row block) and
-    3 key blocks (dk/dv per key block) — the interpreter otherwise runs whole-problem tiles."""
-    with force_blocks(rows=16, cols=16):
+    3 key blocks (dk/dv per key block) — the interpreter otherwise runs whole-problem tiles. The stats /
+    cost kernels' row blocks (whose partials the solve combines) may differ from the other kernels' (the
+    GPU runs 64-row stats / cost blocks and 32-row fuse / backward blocks where heads are <= 64 wide)."""
+    with force_blocks(rows=rows, cols=16, stats_rows=stats_rows):
         _check_attention(2, 1, 20, 16, 8, (2, 3, 6, 1), 0.05, 0.9, 15, 0.0, True, True)
 
 

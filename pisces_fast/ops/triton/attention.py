@@ -131,6 +131,26 @@ def _components(s_raw, inv_nq, inv_nk, tau_i, pi0, pi1, t, s0, s1, IS_FP64: tl.c
 
 
 @triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, IS_FP64: tl.constexpr):
+    """``a @ b``. float64 as an explicit broadcast-multiply-reduce (IEEE products and sums): Triton 3.6, the
+    one torch 2.11 ships, fails to lower float64 ``tl.dot`` in the backward kernels and every accumulating one
+    on sm_80 / sm_90 (ConvertTritonGPUToLLVM), and float64 is a verification path here, not a fast one."""
+    if IS_FP64:
+        return tl.reduce(a[:, :, None] * b[None, :, :], 1, SUM)
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr, IS_FP64: tl.constexpr):
+    """``acc + a @ b`` (see ``_dot``)."""
+    if IS_FP64:
+        return acc + tl.reduce(a[:, :, None] * b[None, :, :], 1, SUM)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _cost_from_scores(s_raw, inv_nq, inv_nk, tau_i, pi0, pi1, t, s0, s1, RG, gamma, eta, IS_FP64: tl.constexpr):
     """The normalized cost C in [0, 1] of a tile, from the raw scores and the saved ranges."""
     sem, tem, spa = _components(s_raw, inv_nq, inv_nk, tau_i, pi0, pi1, t, s0, s1, IS_FP64)
@@ -192,7 +212,7 @@ def _attn_stats_kernel(
         else:
             cv = in_m
         kt = tl.load(k_ptr + offs_m[None, :] * D + offs_d[:, None], mask=in_m[None, :] & in_d[:, None], other=0.0)
-        s_raw = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s_raw = _dot(q, kt, DOT_PRECISION, IS_FP64)
         s = tl.where(cv[None, :], s_raw * scale, NEG)
         m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
         alpha = tl.exp(m_i - m_new)
@@ -304,7 +324,7 @@ def _attn_cost_kernel(
             cv = in_m
         valid = rv[:, None] & cv[None, :]
         kt = tl.load(k_ptr + offs_m[None, :] * D + offs_d[:, None], mask=in_m[None, :] & in_d[:, None], other=0.0)
-        s_raw = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s_raw = _dot(q, kt, DOT_PRECISION, IS_FP64)
         inv_nk = 1.0 / tl.maximum(tl.sqrt(tl.reduce(kt * kt, 0, SUM)), TINY_NORM)
         t = tl.load(T + offs_m, mask=in_m, other=0.0)
         s0 = tl.load(S + 2 * offs_m, mask=in_m, other=0.0)
@@ -472,7 +492,7 @@ def _attn_fuse_kernel(
             cv = in_m
         valid = rv[:, None] & cv[None, :]
         kt = tl.load(k_ptr + offs_m[None, :] * D + offs_d[:, None], mask=in_m[None, :] & in_d[:, None], other=0.0)
-        s_raw = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s_raw = _dot(q, kt, DOT_PRECISION, IS_FP64)
         a = tl.where(cv[None, :], tl.exp(s_raw * scale - lse[:, None]), 0.0)
         inv_nk = 1.0 / tl.maximum(tl.sqrt(tl.reduce(kt * kt, 0, SUM)), TINY_NORM)
         t = tl.load(T + offs_m, mask=in_m, other=0.0)
@@ -489,8 +509,8 @@ def _attn_fuse_kernel(
         vt = tl.load(v_ptr + offs_m[:, None] * DV + offs_dv[None, :], mask=in_m[:, None] & in_dv[None, :], other=0.0)
         z_i += tl.reduce(w, 1, SUM)
         x_i += tl.reduce(pe, 1, SUM)
-        acc = tl.dot(w, vt, acc, input_precision=DOT_PRECISION)
-        y_acc = tl.dot(pe, vt, y_acc, input_precision=DOT_PRECISION)
+        acc = _dot_acc(w, vt, acc, DOT_PRECISION, IS_FP64)
+        y_acc = _dot_acc(pe, vt, y_acc, DOT_PRECISION, IS_FP64)
 
     out = tl.where(rv[:, None], acc / z_i[:, None], 0.0)
     o_off = pid * N * DV + offs_n[:, None] * DV + offs_dv[None, :]
@@ -574,7 +594,7 @@ def _attn_bwd_dq_kernel(
         vt = tl.load(V + pid * M * DV + offs_m[None, :] * DV + offs_dv[:, None], mask=in_m[None, :] & in_dv[:, None],
                      other=0.0)
         kt = tl.trans(kb)
-        s_raw = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s_raw = _dot(q, kt, DOT_PRECISION, IS_FP64)
         a = tl.where(cv[None, :], tl.exp(s_raw * scale - lse[:, None]), 0.0)
         inv_nk = 1.0 / tl.maximum(tl.sqrt(tl.reduce(kt * kt, 0, SUM)), TINY_NORM)
         t = tl.load(T + offs_m, mask=in_m, other=0.0)
@@ -584,9 +604,9 @@ def _attn_bwd_dq_kernel(
         log_v = tl.load(LOGV + pid * M + offs_m, mask=in_m, other=0.0)
         plan = tl.where(valid, tl.exp(log_u[:, None] + log_v[None, :] - cost * inv_eps), 0.0)
         pe = tl.where(cv[None, :], plan + fuse_eps, 0.0) * inv_z[:, None]
-        d_fused = tl.dot(dout, vt, input_precision=DOT_PRECISION)
+        d_fused = _dot(dout, vt, DOT_PRECISION, IS_FP64)
         d_s = a * (pe * (d_fused - d_i[:, None]) - e_i[:, None])
-        dq = tl.dot(d_s, kb, dq, input_precision=DOT_PRECISION)
+        dq = _dot_acc(d_s, kb, dq, DOT_PRECISION, IS_FP64)
     tl.store(DQ + pid * N * D + offs_n[:, None] * D + offs_d[None, :], dq * scale, mask=in_n[:, None] & in_d[None, :])
 
 
@@ -678,15 +698,15 @@ def _attn_bwd_dkdv_kernel(
         d_i = tl.load(DE + pid * 2 * N + offs_n, mask=in_n, other=0.0)
         e_i = tl.load(DE + pid * 2 * N + N + offs_n, mask=in_n, other=0.0)
 
-        s_raw_t = tl.dot(kb, tl.trans(q), input_precision=DOT_PRECISION)
+        s_raw_t = _dot(kb, tl.trans(q), DOT_PRECISION, IS_FP64)
         a_t = tl.where(cv[:, None], tl.exp(s_raw_t * scale - lse[None, :]), 0.0)
         cost_t = _cost_from_scores_t(s_raw_t, inv_nk, inv_nq, t, s0, s1, tau_i, pi0, pi1, rg, gamma, eta, IS_FP64)
         plan_t = tl.where(valid_t, tl.exp(log_u[None, :] + log_v[:, None] - cost_t * inv_eps), 0.0)
         pe_t = tl.where(cv[:, None], plan_t + fuse_eps, 0.0) * inv_z[None, :]
-        d_fused_t = tl.dot(vb, tl.trans(dout), input_precision=DOT_PRECISION)
+        d_fused_t = _dot(vb, tl.trans(dout), DOT_PRECISION, IS_FP64)
         d_s_t = a_t * (pe_t * (d_fused_t - d_i[None, :]) - e_i[None, :])
-        dv = tl.dot((a_t + fuse_eps) * pe_t, dout, dv, input_precision=DOT_PRECISION)
-        dk = tl.dot(d_s_t, q, dk, input_precision=DOT_PRECISION)
+        dv = _dot_acc((a_t + fuse_eps) * pe_t, dout, dv, DOT_PRECISION, IS_FP64)
+        dk = _dot_acc(d_s_t, q, dk, DOT_PRECISION, IS_FP64)
     tl.store(DK + pid * M * D + offs_m[:, None] * D + offs_d[None, :], dk * scale, mask=in_m[:, None] & in_d[None, :])
     tl.store(DVAL + pid * M * DV + offs_m[:, None] * DV + offs_dv[None, :], dv, mask=in_m[:, None] & in_dv[None, :])
 
@@ -700,10 +720,11 @@ _BLOCK_OVERRIDE: Optional[dict] = None
 
 
 @contextlib.contextmanager
-def force_blocks(rows: int, cols: int):
-    """Use ``rows`` x ``cols`` tiles in the dot-product kernels (testing aid; powers of two >= 16)."""
+def force_blocks(rows: int, cols: int, stats_rows: Optional[int] = None):
+    """Use ``rows`` x ``cols`` tiles in the dot-product kernels, ``stats_rows`` (default ``rows``) rows in
+    the stats and cost kernels (testing aid; powers of two >= 16)."""
     global _BLOCK_OVERRIDE
-    previous, _BLOCK_OVERRIDE = _BLOCK_OVERRIDE, {"rows": rows, "cols": cols}
+    previous, _BLOCK_OVERRIDE = _BLOCK_OVERRIDE, {"rows": rows, "cols": cols, "stats_rows": stats_rows or rows}
     try:
         yield
     finally:
@@ -728,11 +749,13 @@ def _blocks(n: int, m: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
     bd, bdv = next_pow2(max(d, 16)), next_pow2(max(dv, 16))
     if _BLOCK_OVERRIDE is not None:
         bn, bm = _BLOCK_OVERRIDE["rows"], _BLOCK_OVERRIDE["cols"]
-        return dict(bn=bn, bd=bd, bdv=bdv, stats=(bm, 4), cost=(bm, 4), fuse=(bm, 4), dq=(bm, 4), dkdv=(bm, 4))
+        return dict(bn=bn, stats_bn=_BLOCK_OVERRIDE["stats_rows"], bd=bd, bdv=bdv, stats=(bm, 4), cost=(bm, 4),
+                    fuse=(bm, 4), dq=(bm, 4), dkdv=(bm, 4))
     if device.type != "cuda":
         bn = next_pow2(max(n, 16))
         bm = max(16, min(next_pow2(m), 16384 // bn))
-        return dict(bn=bn, bd=bd, bdv=bdv, stats=(bm, 4), cost=(bm, 4), fuse=(bm, 4), dq=(bm, 4), dkdv=(bm, 4))
+        return dict(bn=bn, stats_bn=bn, bd=bd, bdv=bdv, stats=(bm, 4), cost=(bm, 4), fuse=(bm, 4), dq=(bm, 4),
+                    dkdv=(bm, 4))
     wide = max(bd, bdv)
     cap = 32 if wide <= 64 else 16  # 128-wide heads at 32 rows spilled 220 B in dq (sm_90a)
     if dtype == torch.float64:
@@ -745,8 +768,15 @@ def _blocks(n: int, m: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
     # dk/dv with 128-wide heads likewise (8-12 B on sm_80 otherwise).
     cols = 32 if (wide <= 64 and dtype != torch.float64) else 16
     unpipelined = {"num_stages": 1}
-    return dict(bn=bn, bd=bd, bdv=bdv, stats=(64, 8), cost=(64, 8), fuse=(cols, 8), dq=(cols, 8),
-                dkdv=(cols, 8), fuse_options=unpipelined if cols == 32 else {}, dkdv_options=unpipelined)
+    # stats and cost (and so the solve's per-row-block partials): 64-row x 32-column tiles where heads are
+    # <= 64 wide, one row block at the paper's N = 40 (at 64 columns they spilled ~400 B on sm_80).
+    if cols == 32:
+        stats_bn, stats_cols = min(next_pow2(max(n, 16)), 64), 32
+    else:
+        stats_bn, stats_cols = bn, 64
+    return dict(bn=bn, stats_bn=stats_bn, bd=bd, bdv=bdv, stats=(stats_cols, 8), cost=(stats_cols, 8),
+                fuse=(cols, 8), dq=(cols, 8), dkdv=(cols, 8), fuse_options=unpipelined if cols == 32 else {},
+                dkdv_options=unpipelined)
 
 
 def _as_u8(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -789,8 +819,8 @@ def ot_attention_forward(
     solve_bn, solve_bm, solve_warps = sinkhorn_blocks(n, m, dtype, device, scaling_only=scaling)
     ms = padded_stride(m, max(16, 2 * solve_bm))
     cfg = _blocks(n, m, d, dv, dtype, device)
-    bn = cfg["bn"]
-    n_blocks = triton.cdiv(n, bn)
+    bn, stats_bn = cfg["bn"], cfg["stats_bn"]
+    n_blocks = triton.cdiv(n, stats_bn)  # the row blocks of stats / cost, whose partials the solve combines
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     frame_idx = frame_idx.to(dtype).contiguous()
     coords = coords.to(dtype).contiguous()
@@ -816,12 +846,12 @@ def ot_attention_forward(
         _attn_stats_kernel[(p, n_blocks)](
             q, k, frame_idx, coords, kpm_arg, qpm_arg, row_stats, partials, params,
             h, n, m, d, n_blocks,
-            BN=bn, BM=cfg["stats"][0], BD=cfg["bd"], num_warps=cfg["stats"][1], **flags, **dot,
+            BN=stats_bn, BM=cfg["stats"][0], BD=cfg["bd"], num_warps=cfg["stats"][1], **flags, **dot,
         )
         _attn_cost_kernel[(p, n_blocks)](
             q, k, frame_idx, coords, kpm_arg, qpm_arg, row_stats, partials, scratch, params,
             h, n, m, ms, d, n_blocks,
-            BN=bn, BM=cfg["cost"][0], BD=cfg["bd"], BRB=brb, num_warps=cfg["cost"][1], **flags, **dot,
+            BN=stats_bn, BM=cfg["cost"][0], BD=cfg["bd"], BRB=brb, num_warps=cfg["cost"][1], **flags, **dot,
         )
         _attn_solve_kernel[(programs,)](
             scratch, g_buf, row_stats, partials, ranges, log_v, kpm_arg, qpm_arg, params, counter,
@@ -831,7 +861,7 @@ def ot_attention_forward(
             **flags,
             **persistent_launch_options(device, solve_warps),
         )
-        _attn_fuse_kernel[(p, n_blocks)](
+        _attn_fuse_kernel[(p, triton.cdiv(n, bn))](
             q, k, v, frame_idx, coords, kpm_arg, qpm_arg, out, plan if return_plan else g_buf, row_stats, log_v,
             ranges, y, params,
             h, n, m, d, dv,

@@ -148,7 +148,7 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
     block sizes and launch options the host code picks for a CUDA device."""
     from . import attention as at
     from . import sinkhorn as sk
-    from ._launch import persistent_launch_options
+    from ._launch import next_pow2, persistent_launch_options
 
     dev = torch.device("cuda")
     n, m, d = (SHAPES[shape][k] for k in ("n", "m", "d"))
@@ -188,17 +188,17 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
                           dict(sk_consts, RESIDENT=False, **{k: v for k, v in log.items() if k != "num_warps"}),
                           log["num_warps"], persistent_launch_options(dev, log["num_warps"])))
     cfg = at._blocks(n, m, d, d, dtype, dev)
-    bn, bd = cfg["bn"], cfg["bd"]
-    n_blocks = -(-n // bn)
-    brb = max(2, 1 << (n_blocks - 1).bit_length())
+    bn, stats_bn, bd = cfg["bn"], cfg["stats_bn"], cfg["bd"]
+    n_blocks = -(-n // stats_bn)
+    brb = next_pow2(n_blocks)  # as ot_attention_forward launches it
     dot = dict(DOT_PRECISION=at._dot_precision(dtype, dev))
     specs.append(("attn_stats", at._attn_stats_kernel,
                   {**f("Q", "K", "T", "S"), **masks, **f("ROWST", "PART", "PARAMS"), **i32("H", "N", "M", "D", "n_blocks")},
-                  dict(common, BN=bn, BM=cfg["stats"][0], BD=bd, **dot), cfg["stats"][1], {}))
+                  dict(common, BN=stats_bn, BM=cfg["stats"][0], BD=bd, **dot), cfg["stats"][1], {}))
     specs.append(("attn_cost", at._attn_cost_kernel,
                   {**f("Q", "K", "T", "S"), **masks, **f("ROWST", "PART", "SCRATCH", "PARAMS"),
                    **i32("H", "N", "M", "MS", "D", "n_blocks")},
-                  dict(common, BN=bn, BM=cfg["cost"][0], BD=bd, BRB=brb, **dot), cfg["cost"][1], {}))
+                  dict(common, BN=stats_bn, BM=cfg["cost"][0], BD=bd, BRB=brb, **dot), cfg["cost"][1], {}))
     for scaling in (True, False):
         abn, abm, aw = sk.sinkhorn_blocks(n, m, dtype, dev, scaling_only=scaling)  # as ot_attention_forward
         specs.append((f"attn_solve_{'scaling' if scaling else 'log'}", at._attn_solve_kernel,
@@ -223,9 +223,10 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
     return specs
 
 
-def report(arch: int, shape: str, only: Optional[List[str]] = None, sass: bool = True) -> List[KernelReport]:
+def report(arch: int, shape: str, only: Optional[List[str]] = None, sass: bool = True,
+           dtype: torch.dtype = torch.float32) -> List[KernelReport]:
     rows = []
-    for name, fn, sig, consts, warps, options in kernel_specs(shape):
+    for name, fn, sig, consts, warps, options in kernel_specs(shape, dtype):
         if only and name not in only:
             continue
         kernel = _build(fn, sig, consts, arch, warps, **options)
