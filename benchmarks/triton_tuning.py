@@ -110,6 +110,31 @@ def compile_candidates(arch: int) -> None:
             flush=True)
 
 
+def kernel_bytes(p: int, n: int, m: int, d: int, ms: int, iters: int, itemsize: int = 4) -> dict:
+    """Compulsory bytes of each ot_attention kernel (forward + backward, no plan returned): every tensor it
+    reads or writes, once; the solve streams the padded operand (``p x n x ms``) once per iteration. Per-row
+    statistics (a few values per query row) are left out. What a kernel moves beyond this (K and V re-read per
+    row block, the tf32x3 operand copies) is the design's, not the floor's."""
+    q, kv, o, scratch = p * n * d, p * m * d, p * n * d, p * n * ms
+    return {k: v * itemsize for k, v in {
+        "_attn_stats_kernel": q + kv,
+        "_attn_cost_kernel": q + kv + scratch,
+        "_attn_solve_kernel": iters * scratch + p * m,
+        "_attn_fuse_kernel": q + 2 * kv + p * m + 2 * o,
+        "_attn_bwd_dq_kernel": q + 2 * kv + p * m + 3 * o + q,
+        "_attn_bwd_dkdv_kernel": q + 2 * kv + p * m + o + 2 * kv,
+    }.items()}
+
+
+def with_bandwidth(times_ms: dict, nbytes: dict) -> dict:
+    """``times_ms`` plus, per kernel with a byte count, its achieved GB/s over those compulsory bytes."""
+    out = dict(times_ms)
+    for name, ms in times_ms.items():
+        if name in nbytes and ms:
+            out[name + "_GBps"] = round(nbytes[name] / (ms * 1e-3) / 1e9)
+    return out
+
+
 def kernel_times(fn, reps: int = 3) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -196,7 +221,8 @@ def time_candidates(defaults_only: bool = False) -> list:
                 base = got
             err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, base))
             ms = bench(fwd_bwd)
-            kt = kernel_times(fwd_bwd)
+            ms = at.solve_layout(N, M, torch.float32, dev, scaling=True)[3]
+            kt = with_bandwidth(kernel_times(fwd_bwd), kernel_bytes(B * H, N, M, D, ms, ITERS))
         row = dict(family="dot", rows=bn, cols=bm, warps=w, fuse_stages=st, fwd_bwd_ms=round(ms, 3), vs_first_max_rel=f"{err:.1e}", **kt)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -631,3 +631,24 @@ def test_sinkhorn_16bit_on_chip_paper_shape_on_gpu():
         assert _plan_entry_error(on, ref, valid) < kernel16_plan_error_bound(0.9, kd)
 
 # Compilation for sm_80 / sm_90a without a GPU (registers, spills, shared memory): tests/test_triton_compile.py.
+
+
+def test_tuning_traffic_model_counts_each_tensor_once():
+    """benchmarks/triton_tuning.py's per-kernel GB/s: compulsory bytes by hand at the paper's shape, the solve
+    streaming the padded operand that ot_attention_forward lays out (solve_layout), once per iteration."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import triton_tuning as tt
+    from pisces_fast.ops.triton.attention import solve_layout
+
+    p, n, m, d, iters = 640, 40, 2049, 64, 100
+    ms = solve_layout(n, m, torch.float32, torch.device("cuda"), scaling=True)[3]
+    assert ms % 16 == 0 and m <= ms < m + 256
+    got = tt.kernel_bytes(p, n, m, d, ms, iters)
+    assert got["_attn_stats_kernel"] == 4 * p * (n + m) * d
+    assert got["_attn_solve_kernel"] == 4 * (iters * p * n * ms + p * m)
+    assert got["_attn_bwd_dkdv_kernel"] == 4 * (p * n * d + 4 * p * m * d + p * m + p * n * d)
+    rates = tt.with_bandwidth({"_attn_stats_kernel": 2.0, "other": 1.0}, got)
+    assert rates["_attn_stats_kernel_GBps"] == round(got["_attn_stats_kernel"] / 2e-3 / 1e9)
+    assert "other_GBps" not in rates

@@ -798,6 +798,13 @@ def forward_params(eps, mass, tol, scale, gamma, eta, fuse_eps, dtype, device) -
     return device_constants(values, dtype, device)
 
 
+def solve_layout(n: int, m: int, dtype: torch.dtype, device: torch.device, scaling: bool):
+    """(BN, BM, num_warps, padded row stride) of the fused solve: its blocks (``sinkhorn_blocks``) and the
+    stride of the cost operand the cost kernel writes for it (a multiple of two tile widths: no column masks)."""
+    bn, bm, warps = sinkhorn_blocks(n, m, dtype, device, scaling_only=scaling)
+    return bn, bm, warps, padded_stride(m, max(16, 2 * bm))
+
+
 def ot_attention_forward(
     q, k, v, frame_idx, coords, key_padding_mask, query_padding_mask,
     gamma, eta, eps, mass, max_iter, tol, fuse_eps, scale, return_plan, domain=0,
@@ -816,8 +823,7 @@ def ot_attention_forward(
     # The normalized cost spans [0, 1], so the kernel's exponent range is at most 1/eps: the host knows
     # the domain, and a scaling-only launch gets the faster blocks (sinkhorn_blocks).
     scaling = domain != 1 and scaling_domain_ok(1.0 / eps, unbalanced_exponent(eps, mass), n, m, dtype)
-    solve_bn, solve_bm, solve_warps = sinkhorn_blocks(n, m, dtype, device, scaling_only=scaling)
-    ms = padded_stride(m, max(16, 2 * solve_bm))
+    solve_bn, solve_bm, solve_warps, ms = solve_layout(n, m, dtype, device, scaling)
     cfg = _blocks(n, m, d, dv, dtype, device)
     bn, stats_bn = cfg["bn"], cfg["stats_bn"]
     n_blocks = triton.cdiv(n, stats_bn)  # the row blocks of stats / cost, whose partials the solve combines
