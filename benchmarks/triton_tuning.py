@@ -6,9 +6,10 @@
 
 Three families, each swept with everything else at its default:
 
-* ``sinkhorn``: warps per program, elements per sweep tile and persistent programs per SM of the Sinkhorn
-  solvers (``sinkhorn.sinkhorn_blocks`` / ``_launch.solve_programs``), for the float32 and float16 kernel
-  storage. One program per SM with 8 warps (the first default) leaves the sweep's per-tile reduction latency
+* ``sinkhorn``: warps per program and persistent programs per SM of the standalone solver's scaling pass
+  (``sinkhorn.sinkhorn_blocks(scaling_only=True)`` / ``_launch.solve_programs``), for the float32 and float16
+  kernel storage; only the candidates with the solver's own tile width (its passes share the scratch stride),
+  and an 8-warp candidate is the single-launch solver. One program per SM with 8 warps (the first default) leaves the sweep's per-tile reduction latency
   exposed; two 4-warp programs per SM hide one behind the other.
 * ``attn_solve``: the same Sinkhorn candidates in the fused ``ot_attention`` solve (scaling domain, float32;
   its device time from one profiled forward + backward), including 1- and 2-warp programs, 4-8 per SM, which
@@ -81,8 +82,8 @@ def dot_config(rows: int, cols: int, warps: int, fuse_stages=None):
         cfg["bn"] = min(cfg["bn"], rows) if rows <= 32 else rows
         for k in ("fuse", "dq", "dkdv"):
             cfg[k] = (cols, warps)
-        # None: Triton's default software pipelining of the streamed loads (key / value in fuse, q / dout in
-        # dk/dv); 1: none (fewer registers)
+        # fuse *and* dk/dv num_stages: None = Triton's default software pipelining of the streamed loads (key /
+        # value in fuse, q / dout in dk/dv; this clears the shipped num_stages=1); 1 = none (fewer registers)
         stages = {} if fuse_stages is None else {"num_stages": fuse_stages}
         cfg["fuse_options"], cfg["dkdv_options"] = stages, dict(stages)
         return cfg
@@ -105,7 +106,7 @@ def compile_candidates(arch: int) -> None:
     for bn, bm, w, st in DOT:
         with dot_config(bn, bm, w, st):
             rows = cr.report(arch, "paper", ["attn_fuse", "attn_bwd_dq", "attn_bwd_dkdv"], sass=False)
-        print(f"dot rows={bn} cols={bm} warps={w} fuse stages={st}: " + "; ".join(
+        print(f"dot rows={bn} cols={bm} warps={w} fuse/dk-dv stages={st}: " + "; ".join(
             f"{r.name} regs={r.registers} spills={r.spill_stores}/{r.spill_loads} smem={r.shared}" for r in rows),
             flush=True)
 
@@ -114,7 +115,8 @@ def kernel_bytes(p: int, n: int, m: int, d: int, ms: int, iters: int, itemsize: 
     """Compulsory bytes of each ot_attention kernel (forward + backward, no plan returned): every tensor it
     reads or writes, once; the solve streams the padded operand (``p x n x ms``) once per iteration. Per-row
     statistics (a few values per query row) are left out. What a kernel moves beyond this (K and V re-read per
-    row block, the tf32x3 operand copies) is the design's, not the floor's."""
+    row block, the solve's one pass normalizing the operand before its iterations, ~2 % at the paper's shape)
+    is the design's, not the floor's."""
     q, kv, o, scratch = p * n * d, p * m * d, p * n * d, p * n * ms
     return {k: v * itemsize for k, v in {
         "_attn_stats_kernel": q + kv,
@@ -184,9 +186,12 @@ def time_candidates(defaults_only: bool = False) -> list:
                        out_vs_default_max_rel=f"{err:.1e}")
             print(json.dumps(row), flush=True)
             rows.append(row)
+    # The standalone solver takes its tile width from the log pass's blocks (both passes share the scratch
+    # stride), so only the candidates with that tile are what they say there.
+    sbn, sbm, _ = sk.sinkhorn_blocks(N, M, torch.float32, dev)
     for kd in ("float32", "float16"):
         for sc in sink_configs:
-            if sc and sc[0] in FUSED_ONLY_WARPS:
+            if sc and (sc[0] in FUSED_ONLY_WARPS or sc[1] != sbn * sbm):
                 continue
             w, t, per_sm = sc if sc else ("default",) * 3
             with (sinkhorn_config(*sc) if sc else contextlib.nullcontext()):
@@ -221,8 +226,8 @@ def time_candidates(defaults_only: bool = False) -> list:
                 base = got
             err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, base))
             ms = bench(fwd_bwd)
-            ms = at.solve_layout(N, M, torch.float32, dev, scaling=True)[3]
-            kt = with_bandwidth(kernel_times(fwd_bwd), kernel_bytes(B * H, N, M, D, ms, ITERS))
+            stride = at.solve_layout(N, M, torch.float32, dev, scaling=True)[3]
+            kt = with_bandwidth(kernel_times(fwd_bwd), kernel_bytes(B * H, N, M, D, stride, ITERS))
         row = dict(family="dot", rows=bn, cols=bm, warps=w, fuse_stages=st, fwd_bwd_ms=round(ms, 3), vs_first_max_rel=f"{err:.1e}", **kt)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -408,8 +408,9 @@ def test_ot_attention_matches_reference(b, h, n, d, dv, grid, eps, mass, max_ite
 
 @pytest.mark.parametrize("rows,stats_rows", [(16, 16), (16, 32), (32, 16)])
 def test_ot_attention_several_row_and_key_blocks(rows, stats_rows):
-    """Small tiles force 2 row blocks (range partials combined across blocks, dq per row block) and
-    3 key blocks (dk/dv per key block) — the interpreter otherwise runs whole-problem tiles. The stats /
+    """Small tiles force 2 row blocks (range partials combined across blocks, dq per row block) in the stats /
+    cost or the fuse / backward kernels or both, and 3 key blocks (dk/dv per key block) — the interpreter
+    otherwise runs whole-problem tiles. The stats /
     cost kernels' row blocks (whose partials the solve combines) may differ from the other kernels' (the
     GPU runs 64-row stats / cost blocks and 32-row fuse / backward blocks where heads are <= 64 wide)."""
     with force_blocks(rows=rows, cols=16, stats_rows=stats_rows):
@@ -633,12 +634,10 @@ def test_sinkhorn_16bit_on_chip_paper_shape_on_gpu():
 # Compilation for sm_80 / sm_90a without a GPU (registers, spills, shared memory): tests/test_triton_compile.py.
 
 
-def test_tuning_traffic_model_counts_each_tensor_once():
+def test_tuning_traffic_model_counts_each_tensor_once(monkeypatch):
     """benchmarks/triton_tuning.py's per-kernel GB/s: compulsory bytes by hand at the paper's shape, the solve
     streaming the padded operand that ot_attention_forward lays out (solve_layout), once per iteration."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import triton_tuning as tt
     from pisces_fast.ops.triton.attention import solve_layout
 
@@ -648,7 +647,11 @@ def test_tuning_traffic_model_counts_each_tensor_once():
     got = tt.kernel_bytes(p, n, m, d, ms, iters)
     assert got["_attn_stats_kernel"] == 4 * p * (n + m) * d
     assert got["_attn_solve_kernel"] == 4 * (iters * p * n * ms + p * m)
-    assert got["_attn_bwd_dkdv_kernel"] == 4 * (p * n * d + 4 * p * m * d + p * m + p * n * d)
+    q, kv, row = p * n * d, p * m * d, p * m  # q-sized (q, out, dout, dq, y), k/v-sized, one value per key
+    assert got["_attn_cost_kernel"] == 4 * (q + kv + p * n * ms)
+    assert got["_attn_fuse_kernel"] == 4 * (q + 2 * kv + row + 2 * q)  # reads q, k, v, log v; writes out, y
+    assert got["_attn_bwd_dq_kernel"] == 4 * (q + 2 * kv + row + 3 * q + q)  # + dout, out, y; writes dq
+    assert got["_attn_bwd_dkdv_kernel"] == 4 * (q + 4 * kv + row + q)  # q, k, v, log v, dout; writes dk, dv
     rates = tt.with_bandwidth({"_attn_stats_kernel": 2.0, "other": 1.0}, got)
     assert rates["_attn_stats_kernel_GBps"] == round(got["_attn_stats_kernel"] / 2e-3 / 1e9)
     assert "other_GBps" not in rates

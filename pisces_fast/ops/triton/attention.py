@@ -132,7 +132,7 @@ def _components(s_raw, inv_nq, inv_nk, tau_i, pi0, pi1, t, s0, s1, IS_FP64: tl.c
 
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, IS_FP64: tl.constexpr):
-    """``a @ b``. float64 as an explicit broadcast-multiply-reduce (IEEE products and sums): Triton 3.6, the
+    """``a @ b``. float64 as an explicit broadcast-multiply-reduce (float64 products and sums): Triton 3.6, the
     one torch 2.11 ships, fails to lower float64 ``tl.dot`` in the backward kernels and every accumulating one
     on sm_80 / sm_90 (ConvertTritonGPUToLLVM), and float64 is a verification path here, not a fast one."""
     if IS_FP64:
@@ -715,7 +715,8 @@ def _attn_bwd_dkdv_kernel(
 # Host side
 
 # Tests force small blocks so that the row-block / key-block loops run more than once under the
-# interpreter (which otherwise gets whole-problem tiles). {"rows": BN, "cols": BM} or None.
+# interpreter (which otherwise gets whole-problem tiles). {"rows": BN, "cols": BM, "stats_rows": the stats /
+# cost kernels' BN} or None.
 _BLOCK_OVERRIDE: Optional[dict] = None
 
 
@@ -741,10 +742,13 @@ def _blocks(n: int, m: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
     """Tile sizes and warps of the dot-product kernels.
 
     GPU choices: the fastest configuration timed on an H200 (benchmarks/triton_tuning.py, RESULTS.md "GPU")
-    that ptxas compiles without spills for sm_80 and sm_90a (tests/test_triton_compile.py): 32-row blocks
-    (two at the paper's N = 40; 64-row blocks, 13 % faster in total, spilled 60-272 B) and 8 warps; wider
-    heads get shorter row blocks so the tf32x3 operand copies stay within registers and shared memory.
-    The interpreter pays per op, so it gets whole-problem tiles.
+    that ptxas compiles without spills for sm_80 and sm_90a (tests/test_triton_compile.py): fuse, dq and dk/dv
+    on 32-row blocks (two at the paper's N = 40; 64-row blocks there, 13 % faster in total together with
+    64-row stats / cost, spilled 60-272 B), stats and cost on 64-row blocks (``stats_bn``; their partials
+    set the solve's row blocks), 8 warps; wider heads get shorter row blocks so the tf32x3 operand copies
+    stay within registers and shared memory. float64 (a verification path: its products are
+    broadcast-multiply-reduce, see ``_dot``) gets 16 x 16 tiles everywhere. The interpreter pays per op, so
+    it gets whole-problem tiles.
     """
     bd, bdv = next_pow2(max(d, 16)), next_pow2(max(dv, 16))
     if _BLOCK_OVERRIDE is not None:
@@ -773,7 +777,7 @@ def _blocks(n: int, m: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
     if cols == 32:
         stats_bn, stats_cols = min(next_pow2(max(n, 16)), 64), 32
     else:
-        stats_bn, stats_cols = bn, 64
+        stats_bn, stats_cols = bn, (16 if dtype == torch.float64 else 64)
     return dict(bn=bn, stats_bn=stats_bn, bd=bd, bdv=bdv, stats=(stats_cols, 8), cost=(stats_cols, 8),
                 fuse=(cols, 8), dq=(cols, 8), dkdv=(cols, 8), fuse_options=unpipelined if cols == 32 else {},
                 dkdv_options=unpipelined)
