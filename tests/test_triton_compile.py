@@ -47,6 +47,24 @@ _FP64_KERNELS = {"attn_stats", "attn_cost", "attn_solve_scaling", "attn_solve_lo
                  "attn_bwd_dkdv", "sinkhorn"}
 
 
+def _compile_env(triton_target=None) -> dict:
+    """The environment of a compile subprocess: no interpreter; ``triton_target`` (a ``pip --target``
+    folder) first on the path to build with that Triton."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_target:
+        env["PYTHONPATH"] = os.pathsep.join([triton_target] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def _check_float64_builds(arch: int, shape: str, env: dict) -> None:
+    proc = subprocess.run([sys.executable, "-c", _FP64_SCRIPT, str(arch), shape], env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    built = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("BUILT ")}
+    assert _FP64_KERNELS <= built, proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_float64_kernels_build(arch):
@@ -54,13 +72,7 @@ def test_float64_kernels_build(arch):
     its broadcast-multiply-reduce products (attention._dot) are largest."""
     if not _ptxas_available():
         pytest.skip("Triton's NVIDIA backend (bundled ptxas) is not available")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _FP64_SCRIPT, str(arch), "max"], env=env, capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    built = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("BUILT ")}
-    assert _FP64_KERNELS <= built, proc.stdout
+    _check_float64_builds(arch, "max", _compile_env())
 
 
 def _ptxas_available() -> bool:
@@ -78,8 +90,7 @@ def _ptxas_available() -> bool:
 def test_kernels_compile_without_spills(arch, shape):
     if not _ptxas_available():
         pytest.skip("Triton's NVIDIA backend (bundled ptxas) is not available")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env = _compile_env()
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(arch), shape], env=env, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -129,9 +140,7 @@ def test_kernels_compile_with_an_older_triton(arch):
     target = os.environ.get("PISCES_FAST_COMPAT_TRITON")
     if not target:
         pytest.skip("set PISCES_FAST_COMPAT_TRITON to a folder with another Triton (see .ci/run)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([target] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env = _compile_env(target)
     probe = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__, triton.__file__)"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr[-2000:]
@@ -146,8 +155,4 @@ def test_kernels_compile_with_an_older_triton(arch):
                   COMPAT_SM80_LOOP_INVARIANT_SPILL_KERNELS if arch == 80 else ())
     # float64: Triton 3.6 failed to lower the float64 tl.dot of the backward kernels (and every accumulating
     # one); on the GPU every float64 ot_attention call failed to compile (attention._dot)
-    proc = subprocess.run([sys.executable, "-c", _FP64_SCRIPT, str(arch), "paper"], env=env, capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    built = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("BUILT ")}
-    assert _FP64_KERNELS <= built, proc.stdout
+    _check_float64_builds(arch, "paper", env)

@@ -47,7 +47,6 @@ from ._launch import (
     device_constants,
     launch_device,
     next_pow2,
-    padded_stride,
     persistent_launch_options,
     solve_programs,
 )
@@ -63,6 +62,7 @@ from .sinkhorn import (
     scaling_domain_ok,
     scaling_shift,
     fast_log,
+    operand_stride,
     sinkhorn_blocks,
     solver_param_values,
 )
@@ -145,7 +145,7 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, IS_FP64: tl.constexpr):
 def _dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr, IS_FP64: tl.constexpr):
     """``acc + a @ b`` (see ``_dot``)."""
     if IS_FP64:
-        return acc + tl.reduce(a[:, :, None] * b[None, :, :], 1, SUM)
+        return acc + _dot(a, b, DOT_PRECISION, IS_FP64)
     else:
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
@@ -806,7 +806,7 @@ def solve_layout(n: int, m: int, dtype: torch.dtype, device: torch.device, scali
     """(BN, BM, num_warps, padded row stride) of the fused solve: its blocks (``sinkhorn_blocks``) and the
     stride of the cost operand the cost kernel writes for it (a multiple of two tile widths: no column masks)."""
     bn, bm, warps = sinkhorn_blocks(n, m, dtype, device, scaling_only=scaling)
-    return bn, bm, warps, padded_stride(m, max(16, 2 * bm))
+    return bn, bm, warps, operand_stride(m, bm)
 
 
 def ot_attention_forward(

@@ -200,7 +200,7 @@ def kernel_specs(shape: str, dtype: torch.dtype = torch.float32) -> list:
                    **i32("H", "N", "M", "MS", "D", "n_blocks")},
                   dict(common, BN=stats_bn, BM=cfg["cost"][0], BD=bd, BRB=brb, **dot), cfg["cost"][1], {}))
     for scaling in (True, False):
-        abn, abm, aw = sk.sinkhorn_blocks(n, m, dtype, dev, scaling_only=scaling)  # as ot_attention_forward
+        abn, abm, aw, _ = at.solve_layout(n, m, dtype, dev, scaling)  # as ot_attention_forward
         specs.append((f"attn_solve_{'scaling' if scaling else 'log'}", at._attn_solve_kernel,
                       {**f("SCRATCH", "GBUF", "ROWST", "PART", "RANGES", "LOGV"), **masks, **f("PARAMS"),
                        "COUNTER": "*i32", **i32("P", "H", "N", "M", "MS", "n_blocks", "max_iter")},

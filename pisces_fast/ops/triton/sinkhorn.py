@@ -668,11 +668,17 @@ def kernel16_code(kernel_dtype: str, dtype: torch.dtype, tau: float) -> int:
 ONCHIP_BYTES = {9: 208 * 1024, 8: 136 * 1024}
 
 
+def operand_stride(m: int, bm: int) -> int:
+    """Row stride of the sweeps' operand copy (scratch): a multiple of two tile widths, since a sweep trip
+    reads two tiles unmasked (and of 16 elements, so rows start 16-byte aligned)."""
+    return padded_stride(m, max(16, 2 * bm))
+
+
 def onchip_footprint(n: int, m: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes one program keeps live while it sweeps a 16-bit operand (n x padded stride x 2 + log v), at
     the block sizes of a GPU launch (the interpreter's whole-problem tiles pad differently)."""
     _, bm, _ = sinkhorn_blocks(n, m, dtype, torch.device("cuda"))
-    ms = padded_stride(m, max(16, 2 * bm))
+    ms = operand_stride(m, bm)
     return n * ms * 2 + 2 * ms * 4
 
 
@@ -770,7 +776,7 @@ def sinkhorn_forward(
     plan = torch.empty_like(cost)
     bn, bm, _ = sinkhorn_blocks(n, m, cost.dtype, cost.device)
     passes = sinkhorn_launches(n, m, cost.dtype, cost.device, domain, k16, two_pass)
-    ms = padded_stride(m, max(16, 2 * bm))
+    ms = operand_stride(m, bm)
     pass_programs = [solve_programs(p, cost.device, launch["num_warps"]) for launch in passes]
     programs = max(pass_programs)
     scratch = torch.empty((programs, n, ms), dtype=cost.dtype, device=cost.device)
