@@ -11,7 +11,8 @@ Implementations, all in one run: the log-domain reference eager and under torch.
 iteration body compiled, see _compiled_reference.py; not in --quick unless --compile), POT's
 `ot.unbalanced.sinkhorn_unbalanced(..., reg_type="entropy")` looped per problem (torch backend,
 and NumPy on CPU), and every backend in `pisces_fast.ops.available_backends(device)` through the public API
-("cpp-op-only": the C++ op called without the API's input validation). Each row also
+("cpp-op-only": the C++ op called without the API's input validation; on a GPU "triton-float16-triton-sweep":
+the Triton 16-bit sweep that the on-chip CUDA kernel replaces where it applies). Each row also
 reports the largest plan difference to the eager reference (a benchmark that got a wrong answer
 fast would show it).
 """
@@ -78,6 +79,14 @@ def implementations(device: torch.device, iters: int, with_compile: bool, with_p
             for kd in ("float32", "bfloat16", "float16"):
                 impls[f"{backend}-{kd}"] = functools.partial(sinkhorn_unbalanced, eps=EPS, mass=MASS,
                                                              max_iter=iters, tol=0.0, backend=backend, kernel_dtype=kd)
+        if backend == "triton" and device.type == "cuda":
+            # float16 above runs the on-chip CUDA kernel (pisces_fast/ops/cuda, sinkhorn_path's "shared" sweep)
+            # where it applies; the Triton 16-bit sweep it replaced, in the same run:
+            from pisces_fast.ops.triton.sinkhorn import sinkhorn_forward
+
+            impls["triton-float16-triton-sweep"] = functools.partial(
+                lambda cost, **kw: sinkhorn_forward(cost, None, None, **kw), eps=EPS, mass=MASS, max_iter=iters,
+                tol=0.0, kernel_dtype="float16", sweep="stream")
         if backend == "cpp":
             # The same kernel without the public API's input validation (NaN/Inf scans etc.).
             from pisces_fast.ops import cpp

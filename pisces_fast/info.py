@@ -43,6 +43,17 @@ def _compiler() -> Optional[str]:
     return f"{path}: {out.splitlines()[0]}" if out else path
 
 
+def _nvrtc() -> str:
+    """NVRTC, which compiles the on-chip CUDA Sinkhorn (pisces_fast/ops/cuda) at run time: its version, or why not."""
+    from pisces_fast.ops.cuda import nvrtc
+
+    try:
+        major, minor = nvrtc.nvrtc_version()
+    except (nvrtc.NvrtcUnavailable, RuntimeError, OSError, AttributeError) as exc:
+        return f"unavailable: {exc}"
+    return f"{major}.{minor} (on-chip CUDA Sinkhorn: backend='triton', 16-bit kernel storage, CUDA devices)"
+
+
 def collect() -> dict:
     import torch
 
@@ -59,6 +70,7 @@ def collect() -> dict:
                   "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                   "threads": torch.get_num_threads(), "openmp": torch.backends.openmp.is_available()},
         "native_extension": spec.origin if spec is not None else None,
+        "nvrtc": _nvrtc(),
         "cxx_compiler": _compiler(),
         "packages": {name: _version(name) for name in OPTIONAL},
         "env": {k: os.environ[k] for k in ("PISCES_FAST_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS") if k in os.environ},
@@ -77,6 +89,7 @@ def format_report(info: dict) -> str:
         + f"  threads={t['threads']} openmp={t['openmp']}",
         f"_C          {info['native_extension'] or 'not built'}",
         f"compiler    {info['cxx_compiler'] or 'none on PATH'}",
+        f"nvrtc       {info['nvrtc']}",
         "packages    " + ", ".join(f"{k} {v}" if v else f"{k} -" for k, v in info["packages"].items()),
     ]
     if info["env"]:

@@ -192,7 +192,7 @@ def test_sinkhorn_16bit_kernel_within_documented_bound(kernel_dtype, p, n, m, ep
     bound = kernel16_plan_error_bound(mass, kernel_dtype) + 4 * tol
     plan32 = sinkhorn_forward(c32, r, c, eps, mass, max_iter, tol, kernel_dtype="float32")
     err32 = _plan_entry_error(plan32, ref, valid)
-    assert sinkhorn_path(n, m, torch.float32, kernel_dtype, mass, eps, DEVICE)["onchip"]
+    assert sinkhorn_path(n, m, torch.float32, kernel_dtype, mass, eps, DEVICE)["sweep"] in ("l1", "shared")
     plan, n_iter, storage = sinkhorn_forward(c32, r, c, eps, mass, max_iter, tol, kernel_dtype=kernel_dtype,
                                              return_n_iter=True, return_storage=True)
     assert plan.dtype == torch.float32 and torch.isfinite(plan).all()
@@ -225,8 +225,8 @@ def test_sinkhorn_bfloat16_kernel_at_the_scaling_domains_edge():
 def test_sinkhorn_16bit_on_chip_and_streaming_agree_bitwise():
     """The on-chip path differs from the streaming one only in where the operand is cached."""
     cost = torch.rand(2, 9, 70, device=DEVICE)
-    a = sinkhorn_forward(cost, None, None, 0.05, 0.9, 30, 0.0, kernel_dtype="float16", onchip=True)
-    b = sinkhorn_forward(cost, None, None, 0.05, 0.9, 30, 0.0, kernel_dtype="float16", onchip=False)
+    a = sinkhorn_forward(cost, None, None, 0.05, 0.9, 30, 0.0, kernel_dtype="float16", sweep="l1")
+    b = sinkhorn_forward(cost, None, None, 0.05, 0.9, 30, 0.0, kernel_dtype="float16", sweep="stream")
     assert torch.equal(a, b)
 
 
@@ -313,10 +313,10 @@ def test_sinkhorn_on_chip_decision():
 
     cpu = torch.device("cpu")
     paper = sk.sinkhorn_path(40, 2049, torch.float32, "auto", 0.9, 0.05, cpu)
-    assert paper == dict(kernel16="float16", onchip=True, footprint=40 * 2176 * 2 + 2 * 2176 * 4)
+    assert paper == dict(kernel16="float16", sweep="l1", footprint=40 * 2176 * 2 + 2 * 2176 * 4, why="not a CUDA device")
     assert paper["footprint"] > sk.ONCHIP_BYTES[8]
-    assert sk.sinkhorn_path(40, 4097, torch.float32, "bfloat16", 0.9, 0.05, cpu)["onchip"] is False
-    assert sk.sinkhorn_path(40, 2049, torch.float32, "float32", 0.9, 0.05, cpu)["onchip"] is False
+    assert sk.sinkhorn_path(40, 4097, torch.float32, "bfloat16", 0.9, 0.05, cpu)["sweep"] == "stream"
+    assert sk.sinkhorn_path(40, 2049, torch.float32, "float32", 0.9, 0.05, cpu)["sweep"] is None
     assert sk.sinkhorn_path(40, 2049, torch.float32, "auto", 1.0, 0.05, cpu)["kernel16"] is None  # balanced: no bound
 
 
@@ -626,8 +626,8 @@ def test_sinkhorn_16bit_on_chip_paper_shape_on_gpu():
     valid = (rows[:, :, None] & cols[:, None, :]).cpu()
     print(sinkhorn_path(40, 2049, torch.float32, "float16", 0.9, 0.05, cost.device))
     for kd in ("float16", "bfloat16"):
-        on = sinkhorn_forward(cost.float(), rows, cols, 0.05, 0.9, 100, 0.0, kernel_dtype=kd, onchip=True)
-        off = sinkhorn_forward(cost.float(), rows, cols, 0.05, 0.9, 100, 0.0, kernel_dtype=kd, onchip=False)
+        on = sinkhorn_forward(cost.float(), rows, cols, 0.05, 0.9, 100, 0.0, kernel_dtype=kd, sweep="l1")
+        off = sinkhorn_forward(cost.float(), rows, cols, 0.05, 0.9, 100, 0.0, kernel_dtype=kd, sweep="stream")
         assert torch.equal(on, off)
         assert _plan_entry_error(on, ref, valid) < kernel16_plan_error_bound(0.9, kd)
 

@@ -690,6 +690,9 @@ def onchip_capacity(device: torch.device) -> int:
     return ONCHIP_BYTES[9]
 
 
+SWEEPS = ("shared", "l1", "stream")
+
+
 def sinkhorn_path(n: int, m: int, dtype: torch.dtype, kernel_dtype: str, mass: float, eps: float,
                   device: torch.device) -> dict:
     """How ``sinkhorn_forward`` runs a launch, decided on the host (no data read):
@@ -697,14 +700,29 @@ def sinkhorn_path(n: int, m: int, dtype: torch.dtype, kernel_dtype: str, mass: f
     * ``kernel16``: the 16-bit storage the scaling-domain problems get ("bfloat16", "float16" or None);
       per problem the kernel still falls back to float32 where the storage does not apply (log domain,
       float16 range), and records it (``return_storage``);
-    * ``onchip``: True when the 16-bit operand and log v fit ``onchip_capacity`` (the operand stays in
-      the SM across the solve); False = the streaming sweep (from L2/HBM), chosen explicitly here;
-    * ``footprint``: the bytes that decision compared.
+    * ``sweep``: where the 16-bit operand lives during the solve (None without 16-bit storage):
+
+      - "shared": the CUDA kernel ``pisces_fast/ops/cuda/sinkhorn_onchip.cu`` (compiled with NVRTC) holds it
+        in shared memory, one CTA per problem (``cuda.sinkhorn.availability``: a CUDA device, N <= 64, the
+        kernel fits the device's shared memory, NVRTC found; ``PISCES_FAST_CUDA_ONCHIP=0`` turns it off);
+      - "l1": the Triton sweep with L1-resident (evict-last) loads, where the operand and log v fit
+        ``onchip_capacity``;
+      - "stream": the Triton sweep from L2/HBM;
+    * ``footprint``: the bytes the "l1" decision compared; ``why``: why "shared" was not chosen (or "").
     """
     code = kernel16_code(kernel_dtype, dtype, unbalanced_exponent(eps, mass))
     name = {0: None, KERNEL_BF16.value: "bfloat16", KERNEL_FP16.value: "float16"}[code]
     foot = onchip_footprint(n, m, dtype)
-    return dict(kernel16=name, onchip=bool(code) and foot <= onchip_capacity(device), footprint=foot)
+    sweep, why = None, "no 16-bit kernel storage"
+    if code:
+        from ..cuda import sinkhorn as cuda_sinkhorn
+
+        shared, why = cuda_sinkhorn.availability(n, m, device)
+        if shared:
+            sweep, why = "shared", ""
+        else:
+            sweep = "l1" if foot <= onchip_capacity(device) else "stream"
+    return dict(kernel16=name, sweep=sweep, footprint=foot, why=why)
 
 
 def _raise_unhonoured(storage: torch.Tensor, code: int, kernel_dtype: str, cost, row_mask, col_mask, eps,
@@ -743,7 +761,7 @@ def sinkhorn_forward(
     domain: int = 0,
     return_n_iter: bool = False,
     kernel_dtype: str = "float32",
-    onchip: Optional[bool] = None,
+    sweep: Optional[str] = None,
     return_storage: bool = False,
     two_pass: Optional[bool] = None,
 ):
@@ -755,8 +773,9 @@ def sinkhorn_forward(
     ``domain``: 0 = per-problem choice (default), 1 = force the log domain (tests).
     ``kernel_dtype``: as OTConfig's (see ``kernel16_code``); "bfloat16" / "float16" that a problem
     cannot honour is a ValueError after the launch (this reads the P storage codes back: one
-    device-to-host copy, on explicit 16-bit requests only). ``onchip``: None = ``sinkhorn_path``'s
-    choice; True / False force the on-chip / streaming 16-bit sweep (tests, benchmarks). ``two_pass``:
+    device-to-host copy, on explicit 16-bit requests only). ``sweep``: None = ``sinkhorn_path``'s
+    choice; "shared" / "l1" / "stream" force that 16-bit sweep (tests, benchmarks; "shared" raises where the
+    CUDA kernel cannot run). ``two_pass``:
     None = where the scaling sweep has blocks of its own (float32 on a GPU, N <= 128); True forces the
     two launches (tests: the interpreter), False the single one.
     """
@@ -771,17 +790,28 @@ def sinkhorn_forward(
                          "domain='log' has no kernel matrix")
     if domain == 1:
         k16 = 0  # no kernel matrix to store ("auto")
-    resident = bool(k16) and (path["onchip"] if onchip is None else bool(onchip))
+    if sweep is not None and sweep not in SWEEPS:
+        raise ValueError(f"sweep must be None or one of {SWEEPS}, got {sweep!r}")
+    sweep = (sweep or path["sweep"]) if k16 else None
+    if sweep == "shared":
+        from ..cuda import sinkhorn as cuda_sinkhorn
+
+        if path["sweep"] != "shared":
+            raise ValueError(f"sweep='shared' cannot run this launch: {path['why']}")
+        if domain != 0:
+            raise ValueError("sweep='shared' solves the scaling domain; domain must be 0 (auto)")
+    resident = sweep == "l1"
     cost = cost.contiguous()
     plan = torch.empty_like(cost)
     bn, bm, _ = sinkhorn_blocks(n, m, cost.dtype, cost.device)
-    passes = sinkhorn_launches(n, m, cost.dtype, cost.device, domain, k16, two_pass)
+    # The shared-memory kernel is the first pass; the Triton log-domain pass takes the problems it defers.
+    passes = sinkhorn_launches(n, m, cost.dtype, cost.device, domain, k16, True if sweep == "shared" else two_pass)
     ms = operand_stride(m, bm)
     pass_programs = [solve_programs(p, cost.device, launch["num_warps"]) for launch in passes]
     programs = max(pass_programs)
     scratch = torch.empty((programs, n, ms), dtype=cost.dtype, device=cost.device)
     scratch16 = (torch.empty((programs, n, ms), dtype=torch.bfloat16 if k16 == KERNEL_BF16.value else torch.float16,
-                             device=cost.device) if k16 else scratch)
+                             device=cost.device) if k16 and sweep != "shared" else scratch)
     g_buf = torch.empty((programs, 2, ms), dtype=cost.dtype, device=cost.device)
     n_iter = torch.empty((p,), dtype=torch.int32, device=cost.device)
     storage = torch.empty((p,), dtype=torch.int32, device=cost.device)
@@ -790,6 +820,10 @@ def sinkhorn_forward(
     rm, cm = _as_u8(row_mask), _as_u8(col_mask)
     with launch_device(cost.device):
         for i, (launch, launch_programs) in enumerate(zip(passes, pass_programs)):
+            if i == 0 and sweep == "shared":
+                cuda_sinkhorn.sinkhorn_onchip(cost, plan, rm, cm, params, n_iter, storage, max_iter,
+                                              bf16=k16 == KERNEL_BF16.value)
+                continue
             _sinkhorn_kernel[(launch_programs,)](
                 cost, plan, scratch, scratch16, g_buf, rm if rm is not None else g_buf,
                 cm if cm is not None else g_buf, params, n_iter, storage, counters[i:],

@@ -1,0 +1,185 @@
+"""Run-time compilation of the CUDA C++ kernels in this folder (NVRTC) and their launch (CUDA driver API).
+
+Why NVRTC and not an nvcc-built extension: CUDA builds of PyTorch ship the NVRTC library (that is how
+PyTorch's own jiterator compiles), so a user with ``pip install torch`` has everything needed, with no
+CUDA toolkit, no compiler and no build step; the kernel is compiled for the GPU it runs on (``sm_90a`` on
+Hopper), once per process and configuration. Both libraries are reached through ``ctypes``: NVRTC found
+as below, the driver as ``libcuda.so.1`` (present wherever a CUDA GPU is). On a machine without a GPU the
+compiler alone still works (``compile_cubin``): that is how the tests check the kernels build, and with
+which registers and spills, for sm_80 and sm_90a.
+
+Where NVRTC is looked for, in order: ``PISCES_FAST_NVRTC`` (a path to the library), the copy PyTorch
+loads, ``libnvrtc.so.<major>`` on the loader's path, then ``nvidia/*/lib`` of every ``sys.path`` entry
+(the ``nvidia-cuda-nvrtc`` wheels). ``nvrtc_library()`` raises ``NvrtcUnavailable`` saying what it tried.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class NvrtcUnavailable(RuntimeError):
+    """No NVRTC library could be loaded (the message lists what was tried)."""
+
+
+def _candidates() -> list:
+    out = []
+    env = os.environ.get("PISCES_FAST_NVRTC")
+    if env:
+        out.append(env)
+    majors = []
+    if torch.version.cuda:
+        majors.append(torch.version.cuda.split(".")[0])
+    majors += [m for m in ("13", "12") if m not in majors]
+    out += [f"libnvrtc.so.{m}" for m in majors] + ["libnvrtc.so"]
+    for base in sys.path:
+        for pattern in ("nvidia/cuda_nvrtc/lib/libnvrtc.so*", "nvidia/cu*/lib/libnvrtc.so*"):
+            out += sorted(p for p in glob.glob(os.path.join(base, pattern)) if "builtins" not in p and ".alt." not in p)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_library() -> ctypes.CDLL:
+    """The NVRTC shared library (cached)."""
+    errors = []
+    if torch.version.cuda and not os.environ.get("PISCES_FAST_NVRTC"):
+        try:  # the copy PyTorch itself uses (private helper: tried, never required)
+            from torch.cuda._utils import _get_gpu_rtc_library
+
+            return _get_gpu_rtc_library()
+        except Exception as exc:  # noqa: BLE001 - fall through to the explicit search
+            errors.append(f"torch's NVRTC: {exc}")
+    for name in _candidates():
+        try:
+            return ctypes.CDLL(name)
+        except OSError as exc:
+            errors.append(f"{name}: {exc}")
+    raise NvrtcUnavailable("no NVRTC library found (install a CUDA build of torch, or the nvidia-cuda-nvrtc wheel, "
+                           "or set PISCES_FAST_NVRTC to the library's path); tried: " + "; ".join(errors))
+
+
+def nvrtc_version() -> tuple:
+    lib = nvrtc_library()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check_nvrtc(lib, lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)))
+    return major.value, minor.value
+
+
+def _check_nvrtc(lib, code: int, what: str = "NVRTC call") -> None:
+    if code != 0:
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        raise RuntimeError(f"{what} failed: {lib.nvrtcGetErrorString(code).decode()}")
+
+
+def read_source(name: str) -> str:
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=None)
+def compile_cubin(source_name: str, kernel: str, arch: str, extra_options: Sequence[str] = ()) -> tuple:
+    """Compile ``kernel`` (a name expression, e.g. ``pisces::sinkhorn_onchip<40, 256, false>``) of the source
+    file ``source_name`` for ``arch`` (``"sm_90a"``, ``"sm_80"``, ...). Returns (cubin bytes, lowered name,
+    compiler log). Compiler errors raise RuntimeError with the log. Cached per process."""
+    lib = nvrtc_library()
+    src = read_source(source_name).encode()
+    prog = ctypes.c_void_p()
+    _check_nvrtc(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src, source_name.encode(), 0, None, None),
+                 "nvrtcCreateProgram")
+    try:
+        _check_nvrtc(lib, lib.nvrtcAddNameExpression(prog, kernel.encode()), "nvrtcAddNameExpression")
+        opts = [f"--gpu-architecture={arch}", "--std=c++17", "--ptxas-options=-v", *extra_options]
+        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        res = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        log_text = log.value.decode(errors="replace")
+        if res != 0:
+            raise RuntimeError(f"NVRTC could not compile {kernel} for {arch}:\n{log_text}")
+        _check_nvrtc(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check_nvrtc(lib, lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        lowered = ctypes.c_char_p()
+        _check_nvrtc(lib, lib.nvrtcGetLoweredName(prog, kernel.encode(), ctypes.byref(lowered)), "nvrtcGetLoweredName")
+        return cubin.raw, lowered.value.decode(), log_text
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+# --- CUDA driver API -------------------------------------------------------------------------------------
+
+CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _check_cu(code: int, what: str) -> None:
+    if code != 0:
+        lib = _driver()
+        msg = ctypes.c_char_p()
+        lib.cuGetErrorString(code, ctypes.byref(msg))
+        raise RuntimeError(f"{what} failed: CUDA error {code} ({msg.value.decode() if msg.value else '?'})")
+
+
+def device_arch(device: torch.device) -> str:
+    """NVRTC's target for ``device``: ``sm_90a`` on Hopper (its own instructions), else ``sm_<major><minor>``."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}{'a' if (major, minor) == (9, 0) else ''}"
+
+
+class Kernel:
+    """A compiled kernel loaded into the current CUDA context of one device."""
+
+    def __init__(self, cubin: bytes, lowered: str, device: torch.device):
+        lib = _driver()
+        with torch.cuda.device(device):
+            torch.cuda.current_stream(device)  # makes PyTorch's primary context current on this thread
+            self.module = ctypes.c_void_p()
+            _check_cu(lib.cuModuleLoadData(ctypes.byref(self.module), cubin), "cuModuleLoadData")
+            self.function = ctypes.c_void_p()
+            _check_cu(lib.cuModuleGetFunction(ctypes.byref(self.function), self.module, lowered.encode()),
+                      "cuModuleGetFunction")
+        self.device = device
+        self.shared_limit = 0
+
+    def launch(self, grid: int, block: int, shared_bytes: int, args: Sequence, stream: Optional[int] = None) -> None:
+        """Launch on ``stream`` (default: PyTorch's current stream of the device). ``args``: ctypes values in the
+        kernel's parameter order (tensors as ``ctypes.c_void_p(t.data_ptr())``)."""
+        lib = _driver()
+        if shared_bytes > self.shared_limit:
+            _check_cu(lib.cuFuncSetAttribute(self.function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                             shared_bytes), "cuFuncSetAttribute(max dynamic shared memory)")
+            self.shared_limit = shared_bytes
+        if stream is None:
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+        ptrs = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+        _check_cu(lib.cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, shared_bytes, ctypes.c_void_p(stream),
+                                     ptrs, None), "cuLaunchKernel")
+
+
+_KERNELS: dict = {}
+
+
+def load_kernel(source_name: str, kernel: str, device: torch.device) -> Kernel:
+    """``kernel`` of ``source_name`` compiled for ``device`` and loaded there (cached per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (source_name, kernel, index)
+    cached = _KERNELS.get(key)
+    if cached is None:
+        dev = torch.device("cuda", index)
+        cubin, lowered, _ = compile_cubin(source_name, kernel, device_arch(dev))
+        cached = _KERNELS[key] = Kernel(cubin, lowered, dev)
+    return cached

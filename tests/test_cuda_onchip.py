@@ -1,0 +1,192 @@
+"""The on-chip Sinkhorn kernel (pisces_fast/ops/cuda/sinkhorn_onchip.cu, compiled with NVRTC).
+
+Without a GPU: it compiles for sm_80 and sm_90a at every row count it serves, with no register spill and
+within the shared memory of the paper shape (NVRTC alone, no driver needed; CI installs the
+nvidia-cuda-nvrtc wheel for this). On a GPU: it reproduces the float64 reference within the documented
+16-bit bound, agrees with the Triton 16-bit sweep it replaces (same iteration, other summation order),
+defers exactly the problems the Triton first pass defers, and launches inside a CUDA graph.
+"""
+import os
+import re
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from pisces_fast.ops import reference  # noqa: E402
+from pisces_fast.ops.backends import triton_available  # noqa: E402
+from pisces_fast.ops.cuda import nvrtc  # noqa: E402
+from pisces_fast.ops.cuda import sinkhorn as cs  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def _nvrtc_missing():
+    try:
+        nvrtc.nvrtc_library()
+    except nvrtc.NvrtcUnavailable as exc:
+        return str(exc)
+    return None
+
+
+# CI installs NVRTC and sets PISCES_FAST_REQUIRE_NVRTC=1: there a missing library fails instead of skipping.
+needs_nvrtc = pytest.mark.skipif(_nvrtc_missing() is not None and os.environ.get("PISCES_FAST_REQUIRE_NVRTC") != "1",
+                                 reason="no NVRTC library (pip install nvidia-cuda-nvrtc-cu12)")
+gpu_only = pytest.mark.skipif(not (CUDA and triton_available()), reason="needs a CUDA device and triton")
+
+# H100 / H200 opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): 227 KB.
+SM90_SHARED_OPTIN = 232448
+
+
+def test_shared_memory_layout_fits_the_paper_shape():
+    """40 x 2049 (the paper's text x video tokens) fits one Hopper CTA; the bytes are what the kernel carves."""
+    need = cs.shared_bytes(40, 2049)
+    assert need == 2049 * 40 * 2 + (8 * 40 + 2 * 40 + 8 + 8) * 4 + 2 * 2049 * 4
+    assert need <= SM90_SHARED_OPTIN
+    assert cs.shared_bytes(48, 2049) <= SM90_SHARED_OPTIN < cs.shared_bytes(56, 2049)
+    assert cs.rows_per_column(1) == 8 and cs.rows_per_column(40) == 40 and cs.rows_per_column(41) == 48
+    assert cs.availability(40, 2049, torch.device("cpu")) == (False, "not a CUDA device")
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_onchip_kernel_compiles_without_spills(arch, bf16):
+    """Every row count R = 8 .. 64 builds; ptxas reports no stack frame and no spill, and registers within
+    the 255 that one 256-thread CTA per SM allows."""
+    for n in range(8, cs.MAX_ROWS + 1, 8):
+        cubin, lowered, log = nvrtc.compile_cubin(cs.SOURCE, cs.kernel_name(n, bf16), arch)
+        assert len(cubin) > 0 and "sinkhorn_onchip" in lowered
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in log, log
+        regs = int(re.search(r"Used (\d+) registers", log).group(1))
+        assert regs <= 255, log
+        assert "warning" not in log.lower(), log
+
+
+def test_bad_environment_value_is_an_error(monkeypatch):
+    monkeypatch.setenv(cs.ENV, "yes")
+    with pytest.raises(ValueError, match="PISCES_FAST_CUDA_ONCHIP"):
+        cs.mode()
+
+
+# --------------------------------------------------------------------------------------------- GPU
+
+def _masks(p, n, m, frac=0.35):
+    rows = torch.rand(p, n) > frac
+    cols = torch.rand(p, m) > frac
+    rows[:, torch.randint(n, (1,))] = True
+    cols[:, torch.randint(m, (1,))] = True
+    return rows, cols
+
+
+def _plan_entry_error(plan, ref, valid) -> float:
+    plan, ref = plan.double().cpu(), ref.cpu()
+    return float(((plan - ref).abs()[valid] / ref[valid]).max())
+
+
+CASES = [
+    # (P, N, M, eps, mass, max_iter, tol, masked)
+    (3, 1, 1, 0.05, 0.9, 20, 0.0, False),
+    (4, 7, 33, 0.05, 0.9, 40, 0.0, True),
+    (3, 40, 2049, 0.05, 0.9, 100, 0.0, True),  # the paper shape
+    (2, 57, 300, 0.05, 0.8, 30, 0.0, True),  # R = 64 with 7 padding rows
+    (3, 64, 1000, 0.05, 0.5, 30, 0.0, False),
+    (5, 6, 33, 0.05, 0.9, 150, 1e-6, True),  # early stop, per problem
+    (2, 16, 257, 0.05, 0.01, 15, 0.0, True),  # almost no transport
+]
+
+
+@gpu_only
+@pytest.mark.parametrize("kernel_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("p,n,m,eps,mass,max_iter,tol,masked", CASES)
+def test_shared_sweep_matches_reference_and_triton_sweep(kernel_dtype, p, n, m, eps, mass, max_iter, tol, masked):
+    from pisces_fast.ops.triton.sinkhorn import KERNEL_CODES, kernel16_plan_error_bound, sinkhorn_forward, sinkhorn_path
+
+    assert sinkhorn_path(n, m, torch.float32, kernel_dtype, mass, eps, torch.device("cuda"))["sweep"] == "shared"
+    cost = torch.rand(p, n, m, dtype=torch.float64)
+    rows, cols = _masks(p, n, m) if masked else (torch.ones(p, n, dtype=torch.bool), torch.ones(p, m, dtype=torch.bool))
+    ref, _, _, ref_iter = reference.sinkhorn_unbalanced(cost, eps=eps, mass=mass, max_iter=max_iter, tol=tol,
+                                                        row_mask=rows, col_mask=cols, return_potentials=True)
+    valid = rows[:, :, None] & cols[:, None, :]
+    c32, r, c = cost.float().cuda(), rows.cuda(), cols.cuda()
+    out = {}
+    for sweep in ("shared", "stream"):
+        out[sweep] = sinkhorn_forward(c32, r, c, eps, mass, max_iter, tol, kernel_dtype=kernel_dtype, sweep=sweep,
+                                      return_n_iter=True, return_storage=True)
+    plan, n_iter, storage = out["shared"]
+    assert storage.cpu().tolist() == [KERNEL_CODES[kernel_dtype]] * p
+    assert bool((plan.cpu()[~valid] == 0).all())
+    bound = kernel16_plan_error_bound(mass, kernel_dtype) + 4 * tol
+    assert _plan_entry_error(plan, ref, valid) < bound
+    if tol == 0.0:
+        assert torch.equal(n_iter.cpu(), ref_iter)
+    else:
+        assert (n_iter.cpu() - out["stream"][1].cpu()).abs().max() <= 3
+    # Same iteration and storage as the Triton sweep: only the float32 summation order differs.
+    assert _plan_entry_error(plan, out["stream"][0].double().cpu(), valid) < (1e-4 if tol == 0.0 else bound)
+
+
+@gpu_only
+def test_shared_sweep_defers_what_the_triton_pass_defers():
+    """Per problem: float16 range exceeded (T = 40) and log domain (T = 100) go to the log-domain pass, the
+    others stay in 16 bits; every plan within the float16 bound / float32 accuracy of the reference."""
+    from pisces_fast.ops.triton.sinkhorn import KERNEL_CODES, kernel16_plan_error_bound, sinkhorn_forward
+
+    p, n, m, eps = 4, 9, 130, 0.05
+    cost = torch.rand(p, n, m, dtype=torch.float64)
+    cost[1] *= 2.0   # T = 40 > FLOAT16_MAX_RANGE
+    cost[2] *= 5.0   # T = 100 > SCALING_MAX_EXPONENT: log domain
+    ref = reference.sinkhorn_unbalanced(cost, eps=eps, mass=0.9, max_iter=50, tol=0.0)
+    c32 = cost.float().cuda()
+    a, ia, sa = sinkhorn_forward(c32, None, None, eps, 0.9, 50, 0.0, kernel_dtype="auto", sweep="shared",
+                                 return_n_iter=True, return_storage=True)
+    b, ib, sb = sinkhorn_forward(c32, None, None, eps, 0.9, 50, 0.0, kernel_dtype="auto", sweep="stream",
+                                 return_n_iter=True, return_storage=True)
+    assert sa.tolist() == sb.tolist() == [KERNEL_CODES["float16"], 1, 1, KERNEL_CODES["float16"]]
+    assert ia.tolist() == ib.tolist() == [50] * p
+    valid = torch.ones(1, n, m, dtype=torch.bool)
+    for i in range(p):
+        if sa[i] == KERNEL_CODES["float16"]:
+            assert _plan_entry_error(a[i:i + 1], ref[i:i + 1], valid) < kernel16_plan_error_bound(0.9, "float16")
+        else:  # float32 log domain: entries down to e^-100 are below float32's normal range, so relative to the max
+            err = float((a[i].double().cpu() - ref[i]).abs().max() / ref[i].abs().max())
+            assert err < 1e-5, err
+    assert torch.equal(a[1:3], b[1:3])  # the deferred problems ran the same Triton log-domain pass
+
+
+@gpu_only
+def test_shared_sweep_fully_masked_problem_has_zero_plan():
+    from pisces_fast.ops.triton.sinkhorn import sinkhorn_forward
+
+    cost = torch.rand(2, 5, 40, device="cuda")
+    rows = torch.ones(2, 5, dtype=torch.bool, device="cuda")
+    rows[1] = False
+    plan = sinkhorn_forward(cost, rows, None, 0.05, 0.9, 20, 0.0, kernel_dtype="float16", sweep="shared")
+    assert torch.isfinite(plan[0]).all() and plan[0].sum() > 0
+    assert bool((plan[1] == 0).all())
+
+
+@gpu_only
+def test_shared_sweep_runs_inside_a_cuda_graph():
+    """The launch goes to PyTorch's current stream with no host sync: capturable, and replay recomputes
+    (kernel_dtype="auto": an explicit 16-bit request reads the storage codes back to raise on a fallback)."""
+    from pisces_fast.ops.triton.sinkhorn import sinkhorn_forward
+
+    cost = torch.rand(8, 40, 2049, device="cuda")
+    run = lambda: sinkhorn_forward(cost, None, None, 0.05, 0.9, 50, 0.0, kernel_dtype="auto", sweep="shared")  # noqa: E731
+    eager = run()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()  # warm-up: compile and load outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    cost.copy_(torch.rand_like(cost))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, run()) and not torch.equal(captured, eager)
