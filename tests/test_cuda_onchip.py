@@ -66,6 +66,30 @@ def test_onchip_kernel_compiles_without_spills(arch, bf16):
         assert "warning" not in log.lower(), log
 
 
+@needs_nvrtc
+def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
+    """A second process (here: the per-process cache cleared) loads the cubin from disk; a corrupted entry is
+    recompiled, never loaded; PISCES_FAST_CACHE_DIR="" turns the disk cache off."""
+    monkeypatch.setenv("PISCES_FAST_CACHE_DIR", str(tmp_path))
+    nvrtc.compile_cubin.cache_clear()
+    name = cs.kernel_name(8, False)
+    first = nvrtc.compile_cubin(cs.SOURCE, name, "sm_80")
+    cubins = list((tmp_path / "nvrtc").glob("*.cubin"))
+    assert len(cubins) == 1 and cubins[0].read_bytes() == first[0]
+    nvrtc.compile_cubin.cache_clear()
+    monkeypatch.setattr(nvrtc, "_compile", lambda *a: pytest.fail("compiled although cached"))
+    assert nvrtc.compile_cubin(cs.SOURCE, name, "sm_80") == first
+    cubins[0].write_bytes(first[0][:100])  # truncated: the hash no longer matches
+    nvrtc.compile_cubin.cache_clear()
+    monkeypatch.undo()
+    monkeypatch.setenv("PISCES_FAST_CACHE_DIR", str(tmp_path))
+    again = nvrtc.compile_cubin(cs.SOURCE, name, "sm_80")  # NVRTC's output differs in a few bytes per compile
+    assert again[1] == first[1] and len(again[0]) == len(first[0]) and cubins[0].read_bytes() == again[0]
+    monkeypatch.setenv("PISCES_FAST_CACHE_DIR", "")
+    assert nvrtc.cache_dir() is None
+    nvrtc.compile_cubin.cache_clear()
+
+
 def test_bad_environment_value_is_an_error(monkeypatch):
     monkeypatch.setenv(cs.ENV, "yes")
     with pytest.raises(ValueError, match="PISCES_FAST_CUDA_ONCHIP"):

@@ -8,6 +8,11 @@ as below, the driver as ``libcuda.so.1`` (present wherever a CUDA GPU is). On a 
 compiler alone still works (``compile_cubin``): that is how the tests check the kernels build, and with
 which registers and spills, for sm_80 and sm_90a.
 
+Compiled kernels are cached on disk (``$PISCES_FAST_CACHE_DIR`` or ``~/.cache/pisces_fast``, ``nvrtc/``), keyed by
+the source text, kernel, architecture, options and NVRTC version: a new process loads the cubin instead of
+compiling (about a second per row count); written atomically, so concurrent processes never read a partial file.
+``PISCES_FAST_CACHE_DIR=""`` turns the disk cache off.
+
 Where NVRTC is looked for, in order: ``PISCES_FAST_NVRTC`` (a path to the library), the copy PyTorch
 loads, ``libnvrtc.so.<major>`` on the loader's path, then ``nvidia/*/lib`` of every ``sys.path`` entry
 (the ``nvidia-cuda-nvrtc`` wheels). ``nvrtc_library()`` raises ``NvrtcUnavailable`` saying what it tried.
@@ -17,8 +22,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import hashlib
+import json
 import os
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 import torch
@@ -84,13 +92,67 @@ def read_source(name: str) -> str:
         return f.read()
 
 
+def cache_dir() -> Optional[str]:
+    """The on-disk cubin cache (None: off)."""
+    root = os.environ.get("PISCES_FAST_CACHE_DIR")
+    if root is None:
+        root = os.path.join(os.path.expanduser("~"), ".cache", "pisces_fast")
+    return os.path.join(root, "nvrtc") if root else None
+
+
+def _cache_paths(source: bytes, kernel: str, arch: str, options: Sequence[str]) -> Optional[tuple]:
+    root = cache_dir()
+    if root is None:
+        return None
+    key = hashlib.sha256(json.dumps([source.decode(), kernel, arch, list(options), nvrtc_version()]).encode()).hexdigest()
+    base = os.path.join(root, key[:32])
+    return base + ".cubin", base + ".json"
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 @functools.lru_cache(maxsize=None)
 def compile_cubin(source_name: str, kernel: str, arch: str, extra_options: Sequence[str] = ()) -> tuple:
     """Compile ``kernel`` (a name expression, e.g. ``pisces::sinkhorn_onchip<40, 256, false>``) of the source
     file ``source_name`` for ``arch`` (``"sm_90a"``, ``"sm_80"``, ...). Returns (cubin bytes, lowered name,
-    compiler log). Compiler errors raise RuntimeError with the log. Cached per process."""
-    lib = nvrtc_library()
+    compiler log). Compiler errors raise RuntimeError with the log. Cached per process and on disk
+    (``cache_dir``; a cache entry that cannot be read is recompiled and rewritten)."""
     src = read_source(source_name).encode()
+    paths = _cache_paths(src, kernel, arch, extra_options)
+    if paths is not None:
+        try:
+            with open(paths[1], encoding="utf-8") as f:
+                meta = json.load(f)
+            with open(paths[0], "rb") as f:
+                cubin = f.read()
+            if len(cubin) == meta["size"] and hashlib.sha256(cubin).hexdigest() == meta["sha256"]:
+                return cubin, meta["lowered"], meta["log"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    cubin, lowered, log = _compile(src, source_name, kernel, arch, extra_options)
+    if paths is not None:
+        try:
+            _write_atomic(paths[0], cubin)  # the cubin first: the metadata names its hash
+            meta = dict(lowered=lowered, log=log, size=len(cubin), sha256=hashlib.sha256(cubin).hexdigest())
+            _write_atomic(paths[1], json.dumps(meta).encode())
+        except OSError:
+            pass  # a read-only home is not an error: the kernel is compiled per process then
+    return cubin, lowered, log
+
+
+def _compile(src: bytes, source_name: str, kernel: str, arch: str, extra_options: Sequence[str]) -> tuple:
+    lib = nvrtc_library()
     prog = ctypes.c_void_p()
     _check_nvrtc(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src, source_name.encode(), 0, None, None),
                  "nvrtcCreateProgram")
