@@ -90,6 +90,39 @@ def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
     nvrtc.compile_cubin.cache_clear()
 
 
+@needs_nvrtc
+def test_availability_rules(monkeypatch):
+    """The host-side decision, with a Hopper's limits stubbed in (no GPU needed): fits or not, why, and a kernel
+    that does not build is reported (or an error under PISCES_FAST_CUDA_ONCHIP=1), never launched."""
+    monkeypatch.setattr(cs, "_shared_limit", lambda index: SM90_SHARED_OPTIN)
+    monkeypatch.setattr(nvrtc, "device_arch", lambda device: "sm_90a")
+    monkeypatch.setattr(torch.version, "hip", None)
+    cs._build_problem.cache_clear()
+    gpu = torch.device("cuda", 0)
+    assert cs.availability(40, 2049, gpu) == (True, "shared memory")
+    assert cs.availability(65, 100, gpu) == (False, "N = 65 > 64 rows")
+    ok, why = cs.availability(40, 4097, gpu)
+    assert not ok and "shared memory per CTA" in why
+    monkeypatch.setenv(cs.ENV, "0")
+    assert cs.availability(40, 2049, gpu) == (False, f"{cs.ENV}=0")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("NVRTC could not compile it for sm_99\nerror: unknown architecture")
+
+    monkeypatch.setattr(nvrtc, "compile_cubin", broken)
+    cs._build_problem.cache_clear()
+    monkeypatch.setenv(cs.ENV, "auto")
+    assert cs.availability(8, 100, gpu) == (False, "NVRTC could not build it: NVRTC could not compile it for sm_99")
+    monkeypatch.setenv(cs.ENV, "1")
+    with pytest.raises(RuntimeError, match="PISCES_FAST_CUDA_ONCHIP=1 but the on-chip kernel cannot be built"):
+        cs.availability(8, 100, gpu)
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    cs._build_problem.cache_clear()
+    monkeypatch.setenv(cs.ENV, "auto")
+    assert cs.availability(8, 100, gpu) == (False, "ROCm: the on-chip kernel is CUDA C++")
+    cs._build_problem.cache_clear()
+
+
 def test_bad_environment_value_is_an_error(monkeypatch):
     monkeypatch.setenv(cs.ENV, "yes")
     with pytest.raises(ValueError, match="PISCES_FAST_CUDA_ONCHIP"):

@@ -52,11 +52,17 @@ def _shared_limit(index: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _nvrtc_problem() -> Optional[str]:
+def _build_problem(n: int, index: int) -> Optional[str]:
+    """Why the kernel for N rows cannot be built for device ``index`` (None: it can). Compiling is the only
+    sure test (an NVRTC older than the GPU's architecture, say); the cubin is cached, so the launch reuses it."""
+    if torch.version.hip:
+        return "ROCm: the on-chip kernel is CUDA C++"
     try:
-        nvrtc.nvrtc_library()
+        nvrtc.compile_cubin(SOURCE, kernel_name(n, False), nvrtc.device_arch(torch.device("cuda", index)))
     except nvrtc.NvrtcUnavailable as exc:
         return str(exc)
+    except (RuntimeError, OSError) as exc:
+        return f"NVRTC could not build it: {str(exc).splitlines()[0]}"
     return None
 
 
@@ -69,8 +75,8 @@ def mode() -> str:
 
 def availability(n: int, m: int, device: torch.device) -> tuple:
     """(usable, reason): whether the shared-memory kernel can run an N x M float32 problem on ``device``, and
-    if not, why (``sinkhorn_path`` reports it; ``PISCES_FAST_CUDA_ONCHIP=1`` turns a missing NVRTC into an
-    error)."""
+    if not, why (``sinkhorn_path`` reports it; ``PISCES_FAST_CUDA_ONCHIP=1`` turns a kernel that cannot be built
+    into an error). The first call per row count compiles the kernel (cached in memory and on disk)."""
     if device.type != "cuda":
         return False, "not a CUDA device"
     if mode() == "0":
@@ -81,10 +87,10 @@ def availability(n: int, m: int, device: torch.device) -> tuple:
     need, limit = shared_bytes(n, m), _shared_limit(index)
     if need > limit:
         return False, f"needs {need} B of shared memory per CTA, the device allows {limit}"
-    problem = _nvrtc_problem()
+    problem = _build_problem(rows_per_column(n), index)
     if problem is not None:
         if mode() == "1":
-            raise RuntimeError(f"{ENV}=1 but the on-chip kernel cannot be compiled: {problem}")
+            raise RuntimeError(f"{ENV}=1 but the on-chip kernel cannot be built: {problem}")
         return False, problem
     return True, "shared memory"
 
