@@ -20,6 +20,7 @@ from pisces_fast.ops import reference  # noqa: E402
 from pisces_fast.ops.backends import triton_available  # noqa: E402
 from pisces_fast.ops.cuda import nvrtc  # noqa: E402
 from pisces_fast.ops.cuda import sinkhorn as cs  # noqa: E402
+from stopping import tol_between_changes  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -54,9 +55,11 @@ def test_shared_memory_layout_fits_the_paper_shape():
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_onchip_kernel_compiles_without_spills(arch, bf16):
+def test_onchip_kernel_compiles_without_spills(arch, bf16, tmp_path, monkeypatch):
     """Every row count R = 8 .. 64 builds; ptxas reports no stack frame and no spill, and registers within
     the 255 that one 256-thread CTA per SM allows."""
+    monkeypatch.setenv("PISCES_FAST_CACHE_DIR", str(tmp_path))  # compiled here, not read from a user's cache
+    nvrtc.compile_cubin.cache_clear()
     for n in range(8, cs.MAX_ROWS + 1, 8):
         cubin, lowered, log = nvrtc.compile_cubin(cs.SOURCE, cs.kernel_name(n, bf16), arch)
         assert len(cubin) > 0 and "sinkhorn_onchip" in lowered
@@ -123,6 +126,33 @@ def test_availability_rules(monkeypatch):
     cs._build_problem.cache_clear()
 
 
+def test_bad_sweep_and_launch_arguments_are_errors():
+    """sweep names where a 16-bit kernel lives: asking for one where none is stored, or for the CUDA kernel where
+    it cannot run, is an error naming why; so are CTA sizes the kernel cannot use."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    from pisces_fast.ops.triton.sinkhorn import sinkhorn_forward
+
+    cost = torch.rand(2, 5, 30, device="cuda" if CUDA else "cpu")
+    with pytest.raises(ValueError, match="sweep must be None or one of"):
+        sinkhorn_forward(cost, None, None, 0.05, 0.9, 5, 0.0, kernel_dtype="float16", sweep="smem")
+    for sweep in ("shared", "stream"):
+        with pytest.raises(ValueError, match="this launch stores none"):
+            sinkhorn_forward(cost, None, None, 0.05, 0.9, 5, 0.0, kernel_dtype="float32", sweep=sweep)
+    if not CUDA:
+        with pytest.raises(ValueError, match="sweep='shared' cannot run this launch: not a CUDA device"):
+            sinkhorn_forward(cost, None, None, 0.05, 0.9, 5, 0.0, kernel_dtype="float16", sweep="shared")
+    plan = torch.empty_like(cost)
+    ints = torch.empty(2, dtype=torch.int32)
+    for threads in (100, 2048, 0):
+        with pytest.raises(ValueError, match="threads must be whole warps"):
+            cs.sinkhorn_onchip(cost, plan, None, None, cost, ints, ints, 5, False, threads=threads)
+    with pytest.raises(ValueError, match="threads must be whole warps"):
+        cs.sinkhorn_onchip(torch.rand(2, 40, 30), plan, None, None, cost, ints, ints, 5, False, threads=32)
+    with pytest.raises(ValueError, match="max_iter must be in"):
+        cs.sinkhorn_onchip(cost, plan, None, None, cost, ints, ints, 2 ** 31, False)
+
+
 def test_bad_environment_value_is_an_error(monkeypatch):
     monkeypatch.setenv(cs.ENV, "yes")
     with pytest.raises(ValueError, match="PISCES_FAST_CUDA_ONCHIP"):
@@ -137,6 +167,13 @@ def _masks(p, n, m, frac=0.35):
     rows[:, torch.randint(n, (1,))] = True
     cols[:, torch.randint(m, (1,))] = True
     return rows, cols
+
+
+def _require_shared(n, m):
+    """Skip (not fail) on GPUs whose shared memory cannot hold the problem (an A100 at the paper shape)."""
+    ok, why = cs.availability(n, m, torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"the on-chip kernel cannot run {n} x {m} here: {why}")
 
 
 def _plan_entry_error(plan, ref, valid) -> float:
@@ -162,6 +199,7 @@ CASES = [
 def test_shared_sweep_matches_reference_and_triton_sweep(kernel_dtype, p, n, m, eps, mass, max_iter, tol, masked):
     from pisces_fast.ops.triton.sinkhorn import KERNEL_CODES, kernel16_plan_error_bound, sinkhorn_forward, sinkhorn_path
 
+    _require_shared(n, m)
     assert sinkhorn_path(n, m, torch.float32, kernel_dtype, mass, eps, torch.device("cuda"))["sweep"] == "shared"
     cost = torch.rand(p, n, m, dtype=torch.float64)
     rows, cols = _masks(p, n, m) if masked else (torch.ones(p, n, dtype=torch.bool), torch.ones(p, m, dtype=torch.bool))
@@ -193,6 +231,7 @@ def test_shared_sweep_defers_what_the_triton_pass_defers():
     from pisces_fast.ops.triton.sinkhorn import KERNEL_CODES, kernel16_plan_error_bound, sinkhorn_forward
 
     p, n, m, eps = 4, 9, 130, 0.05
+    _require_shared(n, m)
     cost = torch.rand(p, n, m, dtype=torch.float64)
     cost[1] *= 2.0   # T = 40 > FLOAT16_MAX_RANGE
     cost[2] *= 5.0   # T = 100 > SCALING_MAX_EXPONENT: log domain
@@ -218,12 +257,19 @@ def test_shared_sweep_defers_what_the_triton_pass_defers():
 def test_shared_sweep_fully_masked_problem_has_zero_plan():
     from pisces_fast.ops.triton.sinkhorn import sinkhorn_forward
 
-    cost = torch.rand(2, 5, 40, device="cuda")
-    rows = torch.ones(2, 5, dtype=torch.bool, device="cuda")
+    _require_shared(5, 40)
+    full = torch.rand(3, 40, 5, device="cuda")
+    cost = full.transpose(1, 2)  # not contiguous: the launcher makes it so
+    rows = torch.ones(3, 5, dtype=torch.bool, device="cuda")
+    cols = torch.ones(3, 40, dtype=torch.bool, device="cuda")
     rows[1] = False
-    plan = sinkhorn_forward(cost, rows, None, 0.05, 0.9, 20, 0.0, kernel_dtype="float16", sweep="shared")
+    cols[2] = False
+    plan, n_iter = sinkhorn_forward(cost, rows, cols, 0.05, 0.9, 20, 0.0, kernel_dtype="float16", sweep="shared",
+                                    return_n_iter=True)
+    ref = sinkhorn_forward(cost, rows, cols, 0.05, 0.9, 20, 0.0, kernel_dtype="float16", sweep="stream")
     assert torch.isfinite(plan[0]).all() and plan[0].sum() > 0
-    assert bool((plan[1] == 0).all())
+    assert bool((plan[1:] == 0).all()) and bool((ref[1:] == 0).all())
+    assert int(n_iter[0]) == 20
 
 
 @gpu_only
@@ -232,6 +278,7 @@ def test_shared_sweep_runs_inside_a_cuda_graph():
     (kernel_dtype="auto": an explicit 16-bit request reads the storage codes back to raise on a fallback)."""
     from pisces_fast.ops.triton.sinkhorn import sinkhorn_forward
 
+    _require_shared(40, 2049)
     cost = torch.rand(8, 40, 2049, device="cuda")
     run = lambda: sinkhorn_forward(cost, None, None, 0.05, 0.9, 50, 0.0, kernel_dtype="auto", sweep="shared")  # noqa: E731
     eager = run()
@@ -247,3 +294,166 @@ def test_shared_sweep_runs_inside_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, run()) and not torch.equal(captured, eager)
+
+
+@gpu_only
+def test_shared_sweep_stops_exactly_where_the_reference_does():
+    """Algorithm 3's rule (stop keeps the previous potentials; n_iter counts accepted updates), pinned: tol is put
+    halfway (geometrically) between two consecutive changes of the float64 reference's potentials
+    (tests/stopping.py), so the kernel must stop at the reference's iteration and return the reference's plan at
+    that iteration, within the storage bound alone (the Triton 16-bit sweep: test_triton_backend.py)."""
+    from pisces_fast.ops.triton.sinkhorn import kernel16_plan_error_bound, sinkhorn_forward
+
+    n, m, eps, mass = 12, 200, 0.05, 0.9
+    _require_shared(n, m)
+    cost = torch.rand(1, n, m, dtype=torch.float64)
+    tol = tol_between_changes(cost, eps, mass)
+    ref, _, _, ref_iter = reference.sinkhorn_unbalanced(cost, eps=eps, mass=mass, max_iter=max_iter, tol=tol,
+                                                        row_mask=rows, col_mask=cols, return_potentials=True)
+    valid = rows[:, :, None] & cols[:, None, :]
+    c32, r, c = cost.float().cuda(), rows.cuda(), cols.cuda()
+    out = {}
+    for sweep in ("shared", "stream"):
+        out[sweep] = sinkhorn_forward(c32, r, c, eps, mass, max_iter, tol, kernel_dtype=kernel_dtype, sweep=sweep,
+                                      return_n_iter=True, return_storage=True)
+    plan, n_iter, storage = out["shared"]
+    assert storage.cpu().tolist() == [KERNEL_CODES[kernel_dtype]] * p
+    assert bool((plan.cpu()[~valid] == 0).all())
+    bound = kernel16_plan_error_bound(mass, kernel_dtype) + 4 * tol
+    assert _plan_entry_error(plan, ref, valid) < bound
+    if tol == 0.0:
+        assert torch.equal(n_iter.cpu(), ref_iter)
+    else:
+        assert (n_iter.cpu() - out["stream"][1].cpu()).abs().max() <= 3
+    # Same iteration and storage as the Triton sweep: only the float32 summation order differs.
+    assert _plan_entry_error(plan, out["stream"][0].double().cpu(), valid) < (1e-4 if tol == 0.0 else bound)
+
+
+@gpu_only
+def test_shared_sweep_defers_what_the_triton_pass_defers():
+    """Per problem: float16 range exceeded (T = 40) and log domain (T = 100) go to the log-domain pass, the
+    others stay in 16 bits; every plan within the float16 bound / float32 accuracy of the reference."""
+    from pisces_fast.ops.triton.sinkhorn import KERNEL_CODES, kernel16_plan_error_bound, sinkhorn_forward
+
+    p, n, m, eps = 4, 9, 130, 0.05
+    _require_shared(n, m)
+    cost = torch.rand(p, n, m, dtype=torch.float64)
+    cost[1] *= 2.0   # T = 40 > FLOAT16_MAX_RANGE
+    cost[2] *= 5.0   # T = 100 > SCALING_MAX_EXPONENT: log domain
+    ref = reference.sinkhorn_unbalanced(cost, eps=eps, mass=0.9, max_iter=50, tol=0.0)
+    c32 = cost.float().cuda()
+    a, ia, sa = sinkhorn_forward(c32, None, None, eps, 0.9, 50, 0.0, kernel_dtype="auto", sweep="shared",
+                                 return_n_iter=True, return_storage=True)
+    b, ib, sb = sinkhorn_forward(c32, None, None, eps, 0.9, 50, 0.0, kernel_dtype="auto", sweep="stream",
+                                 return_n_iter=True, return_storage=True)
+    assert sa.tolist() == sb.tolist() == [KERNEL_CODES["float16"], 1, 1, KERNEL_CODES["float16"]]
+    assert ia.tolist() == ib.tolist() == [50] * p
+    valid = torch.ones(1, n, m, dtype=torch.bool)
+    for i in range(p):
+        if sa[i] == KERNEL_CODES["float16"]:
+            assert _plan_entry_error(a[i:i + 1], ref[i:i + 1], valid) < kernel16_plan_error_bound(0.9, "float16")
+        else:  # float32 log domain: entries down to e^-100 are below float32's normal range, so relative to the max
+            err = float((a[i].double().cpu() - ref[i]).abs().max() / ref[i].abs().max())
+            assert err < 1e-5, err
+    assert torch.equal(a[1:3], b[1:3])  # the deferred problems ran the same Triton log-domain pass
+
+
+@gpu_only
+def test_shared_sweep_fully_masked_problem_has_zero_plan():
+    from pisces_fast.ops.triton.sinkhorn import sinkhorn_forward
+
+    _require_shared(5, 40)
+    full = torch.rand(3, 40, 5, device="cuda")
+    cost = full.transpose(1, 2)  # not contiguous: the launcher makes it so
+    rows = torch.ones(3, 5, dtype=torch.bool, device="cuda")
+    cols = torch.ones(3, 40, dtype=torch.bool, device="cuda")
+    rows[1] = False
+    cols[2] = False
+    plan, n_iter = sinkhorn_forward(cost, rows, cols, 0.05, 0.9, 20, 0.0, kernel_dtype="float16", sweep="shared",
+                                    return_n_iter=True)
+    ref = sinkhorn_forward(cost, rows, cols, 0.05, 0.9, 20, 0.0, kernel_dtype="float16", sweep="stream")
+    assert torch.isfinite(plan[0]).all() and plan[0].sum() > 0
+    assert bool((plan[1:] == 0).all()) and bool((ref[1:] == 0).all())
+    assert int(n_iter[0]) == 20
+
+
+@gpu_only
+def test_shared_sweep_runs_inside_a_cuda_graph():
+    """The launch goes to PyTorch's current stream with no host sync: capturable, and replay recomputes
+    (kernel_dtype="auto": an explicit 16-bit request reads the storage codes back to raise on a fallback)."""
+    from pisces_fast.ops.triton.sinkhorn import sinkhorn_forward
+
+    _require_shared(40, 2049)
+    cost = torch.rand(8, 40, 2049, device="cuda")
+    run = lambda: sinkhorn_forward(cost, None, None, 0.05, 0.9, 50, 0.0, kernel_dtype="auto", sweep="shared")  # noqa: E731
+    eager = run()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()  # warm-up: compile and load outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    cost.copy_(torch.rand_like(cost))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, run()) and not torch.equal(captured, eager)
+
+
+@gpu_only
+def test_shared_sweep_stops_exactly_where_the_reference_does():
+    """Algorithm 3's rule (stop keeps the previous potentials; n_iter counts accepted updates), pinned: tol is put
+    halfway (geometrically) between two consecutive changes of the float64 reference's potentials
+    (tests/stopping.py), so the kernel must stop at the reference's iteration and return the reference's plan at
+    that iteration, within the storage bound alone (the Triton 16-bit sweep: test_triton_backend.py)."""
+    from pisces_fast.ops.triton.sinkhorn import kernel16_plan_error_bound, sinkhorn_forward
+
+    n, m, eps, mass = 12, 200, 0.05, 0.9
+    _require_shared(n, m)
+    cost = torch.rand(1, n, m, dtype=torch.float64)
+    changes, prev = [], None
+    for k in range(1, 61):  # the potentials after k accepted updates; changes[i] = |update i+2 - update i+1|
+        _, f, g, _ = reference.sinkhorn_unbalanced(cost, eps=eps, mass=mass, max_iter=k, tol=0.0,
+                                                   return_potentials=True)
+        cur = torch.cat([f[0], g[0]])
+        if prev is not None:
+            changes.append(float((cur - prev).abs().max()))
+        prev = cur
+    # The first change below 1e-2 (far above float32's ~1e-6 on these potentials) that is clearly smaller than the
+    # one before: tol between the two leaves ~5 % of margin either side, against ~1e-3 that 16 bits perturb them.
+    i = next(i for i in range(1, len(changes)) if changes[i] < 1e-2 and changes[i] < 0.9 * changes[i - 1])
+    tol = (changes[i - 1] * changes[i]) ** 0.5
+    ref, _, _, ref_iter = reference.sinkhorn_unbalanced(cost, eps=eps, mass=mass, max_iter=100, tol=tol,
+                                                        return_potentials=True)
+    plan, n_iter = sinkhorn_forward(cost.float().cuda(), None, None, eps, mass, 100, tol, kernel_dtype="float16",
+                                    sweep="shared", return_n_iter=True)
+    assert int(n_iter[0]) == int(ref_iter[0]), (n_iter, ref_iter, tol)
+    valid = torch.ones(1, n, m, dtype=torch.bool)
+    assert _plan_entry_error(plan, ref, valid) < kernel16_plan_error_bound(mass, "float16")
+
+
+@gpu_only
+def test_shared_sweep_defers_bfloat16_log_domain_problems_and_any_cta_size_agrees():
+    from pisces_fast.ops.triton.sinkhorn import KERNEL_CODES, sinkhorn_forward, solver_params
+
+    _require_shared(40, 300)
+    cost = torch.rand(3, 40, 300, device="cuda")
+    cost[1] *= 5.0  # T = 100: log domain
+    _, storage = sinkhorn_forward(cost, None, None, 0.05, 0.9, 30, 0.0, kernel_dtype="auto", sweep="shared",
+                                  return_storage=True)
+    with pytest.raises(ValueError, match="log domain"):
+        sinkhorn_forward(cost, None, None, 0.05, 0.9, 30, 0.0, kernel_dtype="bfloat16", sweep="shared")
+    good = cost[[0, 2]].contiguous()
+    params = solver_params(0.05, 0.9, 0.0, torch.float32, cost.device)
+    plans = []
+    for threads in (64, 256, 384):
+        plan = torch.empty_like(good)
+        ints = torch.empty(2, dtype=torch.int32, device="cuda")
+        codes = torch.empty_like(ints)
+        cs.sinkhorn_onchip(good, plan, None, None, params, ints, codes, 30, True, threads=threads)
+        assert codes.tolist() == [KERNEL_CODES["bfloat16"]] * 2 and ints.tolist() == [30, 30]
+        plans.append(plan)
+    for other in plans[1:]:  # only the float32 summation order differs
+        assert float(((other - plans[0]).abs() / plans[0].abs().clamp_min(1e-30)).max()) < 1e-4
+    assert storage.tolist()[1] == 1

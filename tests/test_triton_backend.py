@@ -206,6 +206,26 @@ def test_sinkhorn_16bit_kernel_within_documented_bound(kernel_dtype, p, n, m, ep
             assert err > 20 * err32, (err, err32)
 
 
+@pytest.mark.parametrize("kernel_dtype", ["float32", "float16"])
+def test_sinkhorn_stops_exactly_where_the_reference_does(kernel_dtype):
+    """Algorithm 3's stopping rule pinned (stop keeps the previous potentials; n_iter counts accepted updates): with
+    tol between two consecutive changes of the reference's potentials (tests/stopping.py) the kernel stops at the
+    reference's iteration and returns the reference's plan at it (the other tests allow tol's slack)."""
+    from pisces_fast.ops.triton.sinkhorn import kernel16_plan_error_bound
+    from stopping import tol_between_changes
+
+    cost = torch.rand(1, 12, 200, dtype=torch.float64)
+    tol = tol_between_changes(cost, 0.05, 0.9)
+    ref, _, _, ref_iter = reference.sinkhorn_unbalanced(cost, eps=0.05, mass=0.9, max_iter=100, tol=tol,
+                                                        return_potentials=True)
+    (c32,) = _dev(cost.float())
+    plan, n_iter = sinkhorn_forward(c32, None, None, 0.05, 0.9, 100, tol, kernel_dtype=kernel_dtype,
+                                    return_n_iter=True)
+    assert int(n_iter[0]) == int(ref_iter[0])
+    bound = kernel16_plan_error_bound(0.9, "float16") if kernel_dtype == "float16" else 1e-4
+    assert _plan_entry_error(plan, ref, torch.ones(1, 12, 200, dtype=torch.bool)) < bound
+
+
 def test_sinkhorn_bfloat16_kernel_at_the_scaling_domains_edge():
     """bfloat16 keeps float32's exponent range: T ~ 57 (eps = 0.0175, near SCALING_MAX_EXPONENT_FP32 =
     60, where float16 cannot store the kernel) still runs in 16 bits and within the bound."""

@@ -19,6 +19,7 @@ loads, ``libnvrtc.so.<major>`` on the loader's path, then ``nvidia/*/lib`` of ev
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -27,6 +28,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -100,11 +102,15 @@ def cache_dir() -> Optional[str]:
     return os.path.join(root, "nvrtc") if root else None
 
 
-def _cache_paths(source: bytes, kernel: str, arch: str, options: Sequence[str]) -> Optional[tuple]:
+def _options(arch: str, extra_options: Sequence[str]) -> list:
+    return [f"--gpu-architecture={arch}", "--std=c++17", "--ptxas-options=-v", *extra_options]
+
+
+def _cache_paths(source: bytes, kernel: str, options: Sequence[str]) -> Optional[tuple]:
     root = cache_dir()
     if root is None:
         return None
-    key = hashlib.sha256(json.dumps([source.decode(), kernel, arch, list(options), nvrtc_version()]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([source.decode(), kernel, list(options), nvrtc_version()]).encode()).hexdigest()
     base = os.path.join(root, key[:32])
     return base + ".cubin", base + ".json"
 
@@ -129,7 +135,8 @@ def compile_cubin(source_name: str, kernel: str, arch: str, extra_options: Seque
     compiler log). Compiler errors raise RuntimeError with the log. Cached per process and on disk
     (``cache_dir``; a cache entry that cannot be read is recompiled and rewritten)."""
     src = read_source(source_name).encode()
-    paths = _cache_paths(src, kernel, arch, extra_options)
+    options = _options(arch, extra_options)
+    paths = _cache_paths(src, kernel, options)
     if paths is not None:
         try:
             with open(paths[1], encoding="utf-8") as f:
@@ -140,7 +147,7 @@ def compile_cubin(source_name: str, kernel: str, arch: str, extra_options: Seque
                 return cubin, meta["lowered"], meta["log"]
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    cubin, lowered, log = _compile(src, source_name, kernel, arch, extra_options)
+    cubin, lowered, log = _compile(src, source_name, kernel, arch, options)
     if paths is not None:
         try:
             _write_atomic(paths[0], cubin)  # the cubin first: the metadata names its hash
@@ -151,14 +158,13 @@ def compile_cubin(source_name: str, kernel: str, arch: str, extra_options: Seque
     return cubin, lowered, log
 
 
-def _compile(src: bytes, source_name: str, kernel: str, arch: str, extra_options: Sequence[str]) -> tuple:
+def _compile(src: bytes, source_name: str, kernel: str, arch: str, opts: Sequence[str]) -> tuple:
     lib = nvrtc_library()
     prog = ctypes.c_void_p()
     _check_nvrtc(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src, source_name.encode(), 0, None, None),
                  "nvrtcCreateProgram")
     try:
         _check_nvrtc(lib, lib.nvrtcAddNameExpression(prog, kernel.encode()), "nvrtcAddNameExpression")
-        opts = [f"--gpu-architecture={arch}", "--std=c++17", "--ptxas-options=-v", *extra_options]
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         res = lib.nvrtcCompileProgram(prog, len(opts), arr)
         size = ctypes.c_size_t()
@@ -196,6 +202,38 @@ def _check_cu(code: int, what: str) -> None:
         raise RuntimeError(f"{what} failed: CUDA error {code} ({msg.value.decode() if msg.value else '?'})")
 
 
+@functools.lru_cache(maxsize=None)
+def _primary_context(index: int) -> int:
+    """The primary context of device ``index`` (the one PyTorch uses), retained for the process."""
+    lib = _driver()
+    _check_cu(lib.cuInit(0), "cuInit")
+    dev = ctypes.c_int()
+    _check_cu(lib.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")
+    ctx = ctypes.c_void_p()
+    _check_cu(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+    return ctx.value
+
+
+@contextlib.contextmanager
+def _context(index: int):
+    """Device ``index``'s primary context current on this thread for the block. On a thread where no context
+    is current yet, or another device's is, the module load or the launch would fail with an invalid-context
+    error; the context is pushed and popped again, so the runtime's current device (PyTorch's) is unchanged."""
+    lib = _driver()
+    primary = _primary_context(index)
+    current = ctypes.c_void_p()
+    _check_cu(lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+    if current.value == primary:
+        yield
+        return
+    _check_cu(lib.cuCtxPushCurrent(ctypes.c_void_p(primary)), "cuCtxPushCurrent")
+    try:
+        yield
+    finally:
+        popped = ctypes.c_void_p()
+        _check_cu(lib.cuCtxPopCurrent(ctypes.byref(popped)), "cuCtxPopCurrent")
+
+
 def device_arch(device: torch.device) -> str:
     """NVRTC's target for ``device``: ``sm_90a`` on Hopper (its own instructions), else ``sm_<major><minor>``."""
     major, minor = torch.cuda.get_device_capability(device)
@@ -207,8 +245,8 @@ class Kernel:
 
     def __init__(self, cubin: bytes, lowered: str, device: torch.device):
         lib = _driver()
-        with torch.cuda.device(device):
-            torch.cuda.current_stream(device)  # makes PyTorch's primary context current on this thread
+        torch.cuda.current_stream(device)  # initialises PyTorch's CUDA state for the device
+        with _context(device.index):
             self.module = ctypes.c_void_p()
             _check_cu(lib.cuModuleLoadData(ctypes.byref(self.module), cubin), "cuModuleLoadData")
             self.function = ctypes.c_void_p()
@@ -216,20 +254,23 @@ class Kernel:
                       "cuModuleGetFunction")
         self.device = device
         self.shared_limit = 0
+        self._lock = threading.Lock()
 
     def launch(self, grid: int, block: int, shared_bytes: int, args: Sequence, stream: Optional[int] = None) -> None:
         """Launch on ``stream`` (default: PyTorch's current stream of the device). ``args``: ctypes values in the
         kernel's parameter order (tensors as ``ctypes.c_void_p(t.data_ptr())``)."""
         lib = _driver()
-        if shared_bytes > self.shared_limit:
-            _check_cu(lib.cuFuncSetAttribute(self.function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                             shared_bytes), "cuFuncSetAttribute(max dynamic shared memory)")
-            self.shared_limit = shared_bytes
         if stream is None:
             stream = torch.cuda.current_stream(self.device).cuda_stream
         ptrs = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
-        _check_cu(lib.cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, shared_bytes, ctypes.c_void_p(stream),
-                                     ptrs, None), "cuLaunchKernel")
+        with _context(self.device.index):
+            with self._lock:
+                if shared_bytes > self.shared_limit:
+                    _check_cu(lib.cuFuncSetAttribute(self.function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                     shared_bytes), "cuFuncSetAttribute(max dynamic shared memory)")
+                    self.shared_limit = shared_bytes
+            _check_cu(lib.cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, shared_bytes,
+                                         ctypes.c_void_p(stream), ptrs, None), "cuLaunchKernel")
 
 
 _KERNELS: dict = {}

@@ -55,10 +55,9 @@ def _shared_limit(index: int) -> int:
 def _build_problem(n: int, index: int) -> Optional[str]:
     """Why the kernel for N rows cannot be built for device ``index`` (None: it can). Compiling is the only
     sure test (an NVRTC older than the GPU's architecture, say); the cubin is cached, so the launch reuses it."""
-    if torch.version.hip:
-        return "ROCm: the on-chip kernel is CUDA C++"
     try:
-        nvrtc.compile_cubin(SOURCE, kernel_name(n, False), nvrtc.device_arch(torch.device("cuda", index)))
+        for bf16 in (False, True):
+            nvrtc.compile_cubin(SOURCE, kernel_name(n, bf16), nvrtc.device_arch(torch.device("cuda", index)))
     except nvrtc.NvrtcUnavailable as exc:
         return str(exc)
     except (RuntimeError, OSError) as exc:
@@ -79,8 +78,12 @@ def availability(n: int, m: int, device: torch.device) -> tuple:
     into an error). The first call per row count compiles the kernel (cached in memory and on disk)."""
     if device.type != "cuda":
         return False, "not a CUDA device"
+    if torch.version.hip:
+        return False, "ROCm: the on-chip kernel is CUDA C++"
     if mode() == "0":
         return False, f"{ENV}=0"
+    if n < 1 or m < 1:
+        return False, "empty problem"
     if n > MAX_ROWS:
         return False, f"N = {n} > {MAX_ROWS} rows"
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -109,6 +112,10 @@ def sinkhorn_onchip(cost: torch.Tensor, plan: torch.Tensor, row_mask: Optional[t
     p, n, m = cost.shape
     if p == 0:
         return
+    if threads % 32 or threads > 1024 or threads < (rows_per_column(n) + 31) // 32 * 32:
+        raise ValueError(f"threads must be whole warps, at least one per row (N = {n}) and at most 1024, got {threads}")
+    if not 0 <= max_iter < 2 ** 31:
+        raise ValueError(f"max_iter must be in [0, 2**31), got {max_iter}")
     kernel = nvrtc.load_kernel(SOURCE, kernel_name(n, bf16, threads), cost.device)
     args = [_ptr(cost), _ptr(plan), _ptr(row_mask), _ptr(col_mask), _ptr(params), _ptr(n_iter), _ptr(storage),
             ctypes.c_int(n), ctypes.c_int(m), ctypes.c_int(max_iter)]

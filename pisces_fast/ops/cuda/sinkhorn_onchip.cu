@@ -271,6 +271,7 @@ sinkhorn_onchip(const float* __restrict__ cost, float* __restrict__ plan, const 
                 int* __restrict__ storage_out, int N, int M, int max_iter) {
   static_assert(R % 8 == 0 && R >= 8 && R <= 64, "R: rows per column, a multiple of 8, at most 64");
   static_assert(THREADS % 32 == 0 && THREADS / 32 <= 32, "THREADS: whole warps, at most 32");
+  static_assert(THREADS >= (R + 31) / 32 * 32, "THREADS: at least one thread per row (the row threads)");
   constexpr int WARPS = THREADS / 32;
   constexpr int W4 = (WARPS + 3) / 4 * 4;
   constexpr int Q = R / 8;
@@ -288,6 +289,11 @@ sinkhorn_onchip(const float* __restrict__ cost, float* __restrict__ plan, const 
 
   const int tid = threadIdx.x;
   const long long pid = blockIdx.x;
+  {  // The launch must give the layout above its bytes (cuda/sinkhorn.py: shared_bytes): trap, never overrun.
+    unsigned int dynamic_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
+    if (static_cast<size_t>(dynamic_bytes) < reinterpret_cast<unsigned char*>(g_buf + 2 * M) - smem) __trap();
+  }
   const float* c = cost + pid * N * M;
   const unsigned char* cm = col_mask ? col_mask + pid * M : nullptr;
   const float tau = params[P_TAU], inv_eps = params[P_INV_EPS], tol = params[P_TOL];

@@ -790,16 +790,20 @@ def sinkhorn_forward(
                          "domain='log' has no kernel matrix")
     if domain == 1:
         k16 = 0  # no kernel matrix to store ("auto")
-    if sweep is not None and sweep not in SWEEPS:
-        raise ValueError(f"sweep must be None or one of {SWEEPS}, got {sweep!r}")
+    if sweep is not None:
+        if sweep not in SWEEPS:
+            raise ValueError(f"sweep must be None or one of {SWEEPS}, got {sweep!r}")
+        if not k16:
+            raise ValueError(f"sweep={sweep!r} chooses where a 16-bit kernel matrix lives; this launch stores none "
+                             f"(kernel_dtype={kernel_dtype!r}, domain={'log' if domain == 1 else 'auto'})")
     sweep = (sweep or path["sweep"]) if k16 else None
     if sweep == "shared":
         from ..cuda import sinkhorn as cuda_sinkhorn
 
         if path["sweep"] != "shared":
             raise ValueError(f"sweep='shared' cannot run this launch: {path['why']}")
-        if domain != 0:
-            raise ValueError("sweep='shared' solves the scaling domain; domain must be 0 (auto)")
+        if two_pass is False:
+            raise ValueError("sweep='shared' is a first pass followed by the log-domain one; two_pass=False contradicts it")
     resident = sweep == "l1"
     cost = cost.contiguous()
     plan = torch.empty_like(cost)
