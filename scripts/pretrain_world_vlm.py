@@ -112,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--freeze_text_tower", action="store_true",
                    help="with --init_from: keep the text-only layers (embeddings + the layers before fusion) fixed, so "
                         "the shipped generator, which conditions on a copy of them, still matches the VLM exactly")
+    p.add_argument("--vtc_weight", type=float, default=1.0,
+                   help="weight of the contrastive loss against the matching loss (1: the shipped model; 0 trains the "
+                        "matching head alone, e.g. on counterfactuals)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from <report_dir>/checkpoint")
@@ -289,7 +292,8 @@ def pixels_of(model: InternVideo2, videos: torch.Tensor) -> torch.Tensor:
 
 
 def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.random.Generator,
-           counterfactuals=None, cf_captions=None, counterfactual_prob: float = 0.5, degraded=None):
+           counterfactuals=None, cf_captions=None, counterfactual_prob: float = 0.5, degraded=None,
+           vtc_weight: float = 1.0):
     """VTC (with swapped captions, counterfactual clips and degraded clips as extra negatives) + class-balanced VTM;
     see the module docstring. ``counterfactuals[i]`` is clip ``i`` with its direction or relation swapped (or None);
     ``degraded[i]`` is clip ``i`` degraded (``degrade``, or None): a text->video negative only, matched by no caption
@@ -361,7 +365,7 @@ def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.
     cf_acc = acc[n_pos:n_pos + b][torch.from_numpy(np.isin(np.arange(b), used_cf))]
     nan = torch.tensor(float("nan"))
     return {
-        "loss": loss_vtc + loss_vtm,
+        "loss": vtc_weight * loss_vtc + loss_vtm,
         "loss_vtc": loss_vtc.detach(),
         "loss_vtm": loss_vtm.detach(),
         "vtm_acc_pos": acc[:b].mean().detach(),
@@ -638,7 +642,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         out = losses(model, tokenizer, videos, captions, negatives, rng, counterfactuals, cf_captions,
-                     args.counterfactual_prob, degraded)
+                     args.counterfactual_prob, degraded, args.vtc_weight)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
