@@ -4,7 +4,9 @@
 registers per thread, spill stores/loads (bytes), shared memory, and the SASS instruction count of
 the kernel's innermost hot loop (the Sinkhorn sweep's per-tile body for the solvers) and, for the
 on-chip 16-bit Sinkhorn, of the sweep whose loads keep the operand in L1 (``LDG.E.EL``). It is what
-tests/test_triton_compile.py asserts on (no spills) and what benchmarks/RESULTS.md quotes.
+tests/test_triton_compile.py asserts on (no spills) and what benchmarks/RESULTS.md quotes. Where NVRTC is
+found, the on-chip CUDA Sinkhorn (``sinkhorn_*_onchip_cuda``; pisces_fast/ops/cuda) is reported too, its
+shared memory being the dynamic bytes a launch at the shape gives (tests/test_cuda_onchip.py checks it).
 
 Must run **without** ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` does not build
 kernels); the test runs it in a subprocess. Needs Triton's NVIDIA backend (its bundled ptxas and
@@ -249,6 +251,32 @@ def format_table(rows: List[KernelReport]) -> str:
     return "\n".join(lines)
 
 
+def cuda_report(arch: int, shape: str, sass: bool = True) -> List[KernelReport]:
+    """The on-chip CUDA Sinkhorn (pisces_fast/ops/cuda, compiled with NVRTC) at ``shape``, float16 and bfloat16
+    storage: ptxas' registers and spills, the dynamic shared memory the launch gives, and the SASS of its column
+    loop (the on-chip sweep). Empty where the shape has more rows than the kernel serves or NVRTC is missing."""
+    from ..cuda import nvrtc
+    from ..cuda import sinkhorn as cuda_sinkhorn
+
+    n, m = SHAPES[shape]["n"], SHAPES[shape]["m"]
+    if n > cuda_sinkhorn.MAX_ROWS:
+        return []
+    try:
+        nvrtc.nvrtc_library()
+    except nvrtc.NvrtcUnavailable:
+        return []
+    target = f"sm_{arch}{'a' if arch >= 90 else ''}"
+    rows = []
+    for storage, bf16 in (("fp16", False), ("bf16", True)):
+        cubin, _, log = nvrtc.compile_cubin(cuda_sinkhorn.SOURCE, cuda_sinkhorn.kernel_name(n, bf16), target)
+        regs = int(re.search(r"Used (\d+) registers", log).group(1))
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        loop, _, local = _loop_counts(cubin) if sass else (None, None, 0)
+        rows.append(KernelReport(f"sinkhorn_{storage}_onchip_cuda", target, regs, int(spill.group(1)),
+                                 int(spill.group(2)), cuda_sinkhorn.shared_bytes(n, m), loop, loop, local))
+    return rows
+
+
 def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("compile_report: unset TRITON_INTERPRET (the interpreter builds no kernels)")
@@ -262,6 +290,8 @@ def main(argv=None) -> int:
     for shape in args.shape:
         for arch in args.arch:
             got = report(arch, shape, args.kernels, sass=not args.no_sass)
+            if not args.kernels or any("cuda" in k for k in args.kernels):
+                got += cuda_report(arch, shape, sass=not args.no_sass)
             for r in got:
                 r.name = f"{r.name} ({shape})"
                 print(f"{r.name:32s} {r.arch:6s} regs={r.registers:3d} spill={r.spill_stores}/{r.spill_loads} "
