@@ -10,13 +10,16 @@
 //   * shared memory: K'' = 65504 exp(-(C - min C)/eps) (float16) or exp(-(C - min C)/eps) (bfloat16),
 //     column-major, R rows per column (R = N rounded up to 8, padding rows 0), 16-byte chunks
 //     XOR-swizzled per column so a warp's 16-byte loads are free of bank conflicts; log v ping-pong
-//     (2 x M float32); per-warp row-sum partials; row potentials. 40 x 2049 at the paper shape: 178 KB.
+//     (2 x M float32); per-warp row-sum partials; accepted log u and the row weights; per-warp maxima.
+//     40 x 2049 at the paper shape: 181 976 B (cuda/sinkhorn.py: shared_bytes; the kernel traps if given less).
 //   * every thread owns the columns j = tid, tid + THREADS, ...: a column's sum over rows (the column
 //     update of log v) is thread-local (R FMAs on a column held in registers), and the same registers
 //     feed the column's contribution to the next row sums (R FMAs into a per-thread accumulator), so one
 //     iteration reads the kernel once from shared memory and nothing from global memory;
 //   * the row sums are reduced once per iteration: a warp reduce-scatter (each lane ends with a few rows),
-//     then one shared-memory pass across warps (threads < R own one row each).
+//     then one shared-memory pass across warps; thread i < R owns row i (its log u in registers) and computes
+//     the row's new potential and weight, the row warps reduce the two row maxima every thread needs.
+//     Three barriers per iteration.
 // Global traffic per problem: the cost read twice (range, then the kernel) and the plan written once.
 //
 // Outputs follow the Triton solver's first pass (PASS_DEFER_LOG): a problem this kernel cannot solve
