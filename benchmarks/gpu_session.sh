@@ -14,7 +14,7 @@
 #   4. python benchmarks/triton_tuning.py               (every candidate, with what is left)
 # Writes 5 files into $OUT (env.log, steps.log, three JSON) (the device tool brings back 8). The brief's gpu_check.sh (../shared/tools, not
 # in this repository) comes first where a session has the time: copy it into an ignored folder of the checkout and
-# carry it; see benchmarks/RESULTS.md "GPU" for how the two sessions so far spent their 15 minutes.
+# carry it; see benchmarks/RESULTS.md "GPU" for how the three sessions so far spent their 15 minutes.
 set -u
 : "${OUT:?set OUT to the folder that comes back}"
 BUDGET=${GPU_SESSION_BUDGET_S:-540}
