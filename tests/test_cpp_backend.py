@@ -21,6 +21,7 @@ import torch
 from pisces_fast import ot_attention, sinkhorn_unbalanced
 from pisces_fast.ops import reference, video_token_positions
 from pisces_fast.ops.backends import cpp_available
+from sinkhorn_checks import random_masks as _masks
 
 pytestmark = pytest.mark.skipif(not cpp_available(), reason="pisces_fast._C (the C++ backend) is not built")
 
@@ -46,14 +47,6 @@ def _fp32_bound(ref32_err: float) -> float:
     (~16 float32 ulps of the largest entry, for draws where the reference happens to be lucky).
     """
     return 3.0 * ref32_err + 1e-6
-
-
-def _masks(p, n, m, frac=0.35):
-    rows = torch.rand(p, n) > frac
-    cols = torch.rand(p, m) > frac
-    rows[:, torch.randint(n, (1,))] = True  # every problem keeps >= 1 real row and column
-    cols[:, torch.randint(m, (1,))] = True
-    return rows, cols
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from pisces_fast.ops import reference  # noqa: E402
 from pisces_fast.ops.backends import triton_available  # noqa: E402
 from pisces_fast.ops.cuda import nvrtc  # noqa: E402
 from pisces_fast.ops.cuda import sinkhorn as cs  # noqa: E402
-from stopping import tol_between_changes  # noqa: E402
+from sinkhorn_checks import plan_entry_error as _plan_entry_error  # noqa: E402
+from sinkhorn_checks import random_masks as _masks  # noqa: E402
+from sinkhorn_checks import tol_between_changes  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -161,24 +163,11 @@ def test_bad_environment_value_is_an_error(monkeypatch):
 
 # --------------------------------------------------------------------------------------------- GPU
 
-def _masks(p, n, m, frac=0.35):
-    rows = torch.rand(p, n) > frac
-    cols = torch.rand(p, m) > frac
-    rows[:, torch.randint(n, (1,))] = True
-    cols[:, torch.randint(m, (1,))] = True
-    return rows, cols
-
-
 def _require_shared(n, m):
     """Skip (not fail) on GPUs whose shared memory cannot hold the problem (an A100 at the paper shape)."""
     ok, why = cs.availability(n, m, torch.device("cuda"))
     if not ok:
         pytest.skip(f"the on-chip kernel cannot run {n} x {m} here: {why}")
-
-
-def _plan_entry_error(plan, ref, valid) -> float:
-    plan, ref = plan.double().cpu(), ref.cpu()
-    return float(((plan - ref).abs()[valid] / ref[valid]).max())
 
 
 CASES = [
@@ -300,7 +289,7 @@ def test_shared_sweep_runs_inside_a_cuda_graph():
 def test_shared_sweep_stops_exactly_where_the_reference_does():
     """Algorithm 3's rule (stop keeps the previous potentials; n_iter counts accepted updates), pinned: tol is put
     halfway (geometrically) between two consecutive changes of the float64 reference's potentials
-    (tests/stopping.py), so the kernel must stop at the reference's iteration and return the reference's plan at
+    (tests/sinkhorn_checks.py), so the kernel must stop at the reference's iteration and return the reference's plan at
     that iteration, within the storage bound alone (the Triton 16-bit sweep: test_triton_backend.py)."""
     from pisces_fast.ops.triton.sinkhorn import kernel16_plan_error_bound, sinkhorn_forward
 

@@ -23,6 +23,8 @@ import pytest  # noqa: E402
 from pisces_fast import ot_attention, sinkhorn_unbalanced  # noqa: E402
 from pisces_fast.ops import reference, video_token_positions  # noqa: E402
 from pisces_fast.ops.backends import available_backends, triton_available  # noqa: E402
+from sinkhorn_checks import plan_entry_error as _plan_entry_error  # noqa: E402
+from sinkhorn_checks import random_masks as _masks  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
@@ -51,14 +53,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _fp32_bound(ref32_err: float) -> float:
     """Allowed float32 error vs the float64 reference: 10x the float32 reference's own + 2e-6."""
     return 10.0 * ref32_err + 2e-6
-
-
-def _masks(p, n, m, frac=0.35):
-    rows = torch.rand(p, n) > frac
-    cols = torch.rand(p, m) > frac
-    rows[:, torch.randint(n, (1,))] = True  # every problem keeps >= 1 real row and column
-    cols[:, torch.randint(m, (1,))] = True
-    return rows, cols
 
 
 def _dev(*ts):
@@ -167,12 +161,6 @@ KERNEL16_CASES = [
 ]
 
 
-def _plan_entry_error(plan, ref, valid) -> float:
-    """max |P/P* - 1| over the valid entries (the quantity docs/numerics.md bounds)."""
-    plan, ref = plan.double().cpu(), ref.cpu()
-    return float(((plan - ref).abs()[valid] / ref[valid]).max())
-
-
 @pytest.mark.parametrize("kernel_dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("p,n,m,eps,mass,max_iter,tol,masked,span", KERNEL16_CASES)
 def test_sinkhorn_16bit_kernel_within_documented_bound(kernel_dtype, p, n, m, eps, mass, max_iter, tol, masked, span):
@@ -209,10 +197,10 @@ def test_sinkhorn_16bit_kernel_within_documented_bound(kernel_dtype, p, n, m, ep
 @pytest.mark.parametrize("kernel_dtype", ["float32", "float16"])
 def test_sinkhorn_stops_exactly_where_the_reference_does(kernel_dtype):
     """Algorithm 3's stopping rule pinned (stop keeps the previous potentials; n_iter counts accepted updates): with
-    tol between two consecutive changes of the reference's potentials (tests/stopping.py) the kernel stops at the
+    tol between two consecutive changes of the reference's potentials (tests/sinkhorn_checks.py) the kernel stops at the
     reference's iteration and returns the reference's plan at it (the other tests allow tol's slack)."""
     from pisces_fast.ops.triton.sinkhorn import kernel16_plan_error_bound
-    from stopping import tol_between_changes
+    from sinkhorn_checks import tol_between_changes
 
     cost = torch.rand(1, 12, 200, dtype=torch.float64)
     tol = tol_between_changes(cost, 0.05, 0.9)

@@ -70,23 +70,22 @@ __device__ __forceinline__ void widen2(unsigned int u, float& lo, float& hi) {
   }
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+// Butterfly reduction over the warp: every lane gets the result.
+template <class Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-  for (int b = 16; b > 0; b >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, b));
+  for (int b = 16; b > 0; b >>= 1) v = op(v, __shfl_xor_sync(FULL_MASK, v, b));
   return v;
 }
 
-__device__ __forceinline__ float warp_min(float v) {
-#pragma unroll
-  for (int b = 16; b > 0; b >>= 1) v = fminf(v, __shfl_xor_sync(FULL_MASK, v, b));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int b = 16; b > 0; b >>= 1) v += __shfl_xor_sync(FULL_MASK, v, b);
-  return v;
-}
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp{}); }
 
 // Rows each lane holds after the reduce-scatter of R values (halving while the count is even, one lane
 // bit per step, at most 5 steps), and how many lane bits the halving used.
@@ -139,35 +138,17 @@ __device__ __forceinline__ int chunk_swizzle(int j) {
   return (j >> SHIFT) & (D - 1);
 }
 
-// Block-wide reductions of one float (all threads get the result); `scratch` holds WARPS floats and is
-// free again when the call returns.
-template <int WARPS>
-__device__ __forceinline__ float block_max(float v, float* scratch) {
+// Block-wide reduction of one float (all threads get the result); `scratch` holds WARPS floats and is free again
+// when the call returns.
+template <int WARPS, class Op>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, Op op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_max(v);
+  v = warp_reduce(v, op);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   float r = scratch[0];
 #pragma unroll
-  for (int w = 1; w < WARPS; ++w) r = fmaxf(r, scratch[w]);
-  __syncthreads();
-  return r;
-}
-
-template <int WARPS>
-__device__ __forceinline__ float block_min(float v, float* scratch) {
-  return -block_max<WARPS>(-v, scratch);
-}
-
-template <int WARPS>
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float r = scratch[0];
-#pragma unroll
-  for (int w = 1; w < WARPS; ++w) r += scratch[w];
+  for (int w = 1; w < WARPS; ++w) r = op(r, scratch[w]);
   __syncthreads();
   return r;
 }
@@ -328,9 +309,9 @@ sinkhorn_onchip(const float* __restrict__ cost, float* __restrict__ plan, const 
       hi = cv ? fmaxf(hi, ct) : hi;
     }
   }
-  lo = block_min<WARPS>(lo, scratch);
-  hi = block_max<WARPS>(hi, scratch);
-  const float n_cols = block_sum<WARPS>(cols, scratch);
+  lo = -block_reduce<WARPS>(-lo, scratch, MaxOp{});
+  hi = block_reduce<WARPS>(hi, scratch, MaxOp{});
+  const float n_cols = block_reduce<WARPS>(cols, scratch, SumOp{});
   const float log_nu = -logf(n_cols);
   const float LK = -lo * inv_eps;
   const float T = (hi - lo) * inv_eps;

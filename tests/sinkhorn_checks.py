@@ -1,7 +1,23 @@
-"""A tolerance that pins Algorithm 3's stopping iteration (shared by the Triton and the CUDA Sinkhorn tests)."""
+"""Checks shared by the Triton and the CUDA Sinkhorn tests: random padding masks, the plan's per-entry error (the
+quantity docs/numerics.md bounds) and a tolerance that pins Algorithm 3's stopping iteration."""
 import torch
 
 from pisces_fast.ops import reference
+
+
+def random_masks(p, n, m, frac=0.35):
+    """(P, N) / (P, M) boolean masks, about ``frac`` padding; every problem keeps >= 1 real row and column."""
+    rows = torch.rand(p, n) > frac
+    cols = torch.rand(p, m) > frac
+    rows[:, torch.randint(n, (1,))] = True
+    cols[:, torch.randint(m, (1,))] = True
+    return rows, cols
+
+
+def plan_entry_error(plan, ref, valid) -> float:
+    """max |P/P* - 1| over the valid entries (the quantity docs/numerics.md bounds)."""
+    plan, ref = plan.double().cpu(), ref.cpu()
+    return float(((plan - ref).abs()[valid] / ref[valid]).max())
 
 
 def tol_between_changes(cost: torch.Tensor, eps: float, mass: float, below: float = 1e-2, iters: int = 60) -> float:
