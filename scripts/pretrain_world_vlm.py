@@ -25,13 +25,19 @@ vanilla and partial-OT attention) of the right clip vs a wrong clip (a clip of t
 
     python scripts/pretrain_world_vlm.py --out pisces_fast/assets/world/vlm
 
-A temporal variant (not shipped: 70 fine-tuning steps did not lift direction or relation above chance, see the
-README) starts from the shipped model with a finer time axis and counterfactual clips as VTM video negatives --
-the same scene with its direction or relation swapped (``counterfactual_spec``), which a per-patch feature cannot
-tell apart -- keeping the text tower the shipped generator conditions on fixed:
+The shipped model is made in three runs (~7 + 13 + 13 min on 2 cores). The first is the command above with
+``--out STAGE0``: tubelet 4, whose text tower the shipped generator conditions on. The next two keep that text tower
+fixed, halve the tubelet (four temporal positions) and add the caption-facts objective (``CaptionFactHeads``: from the
+video tokens, predict each named object's motion, shape and size and each stated relation -- the caption parsed,
+nothing beyond the text) and counterfactual clips as VTM video negatives (the same scene with its direction or relation
+swapped, ``counterfactual_spec``). The second starts the video encoder afresh (the tubelet-4 one, fine-tuned, learnt
+no motion in 600 steps even with the facts loss; a fresh one reads motion from step ~500), the third continues it at
+half the learning rate:
 
-    python scripts/pretrain_world_vlm.py --init_from pisces_fast/assets/world/vlm --freeze_text_tower \
-        --tubelet_size 2 --counterfactual_prob 0.5 --steps 70 --batch_size 32 --lr 5e-4 --warmup 15 --out DIR
+    python scripts/pretrain_world_vlm.py --init_from STAGE0 --reinit_vision --freeze_text_tower --tubelet_size 2 \
+        --counterfactual_prob 0.5 --fact_weight 1 --out STAGE1
+    python scripts/pretrain_world_vlm.py --init_from STAGE1 --freeze_text_tower --tubelet_size 2 \
+        --counterfactual_prob 0.5 --fact_weight 1 --lr 5e-4 --warmup 30 --out pisces_fast/assets/world/vlm
 
 writes ``config.json`` + ``model.safetensors`` + tokenizer files (``InternVideo2Backbone.from_pretrained``
 reads them) and ``training_summary.json`` into ``--out``, and curves/metrics into ``--report_dir``.
@@ -109,12 +115,21 @@ def parse_args(argv=None):
     p.add_argument("--init_from", default=None,
                    help="start from a saved world VLM (e.g. one with tubelet 4): same widths/depths; a longer tubelet's "
                         "patch kernel is folded onto the shorter one and the position embedding resampled in time")
+    p.add_argument("--reinit_vision", action="store_true",
+                   help="with --init_from: take only the text tower (and fusion layers) from the saved model and start "
+                        "the video encoder and its projection afresh (a saved encoder's features can be slow to unlearn)")
     p.add_argument("--freeze_text_tower", action="store_true",
                    help="with --init_from: keep the text-only layers (embeddings + the layers before fusion) fixed, so "
                         "the shipped generator, which conditions on a copy of them, still matches the VLM exactly")
     p.add_argument("--vtc_weight", type=float, default=1.0,
                    help="weight of the contrastive loss against the matching loss (1: the shipped model; 0 trains the "
                         "matching head alone, e.g. on counterfactuals)")
+    p.add_argument("--fact_weight", type=float, default=0.0,
+                   help="weight of the caption-facts loss: from the joint-space video embedding and the video [CLS] "
+                        "token, predict what the clip's own caption states about each object (named by its colour, "
+                        "unique in a scene): its motion, shape and size, and the relation between each related pair "
+                        "(``CaptionFactHeads``); 0 (the shipped model before this flag): off. The targets are the "
+                        "caption parsed, no information beyond the text")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from <report_dir>/checkpoint")
@@ -284,6 +299,90 @@ def init_from_saved(model: InternVideo2, directory: str) -> None:
     model.load_state_dict(state)
 
 
+_COLOR_INDEX = {c: k for k, c in enumerate(S.COLORS)}
+_FACT_GROUPS = (  # (name, slots, classes): per colour, or per ordered pair of colours for relations
+    ("motion", len(S.COLORS), len(S.MOTIONS)),
+    ("shape", len(S.COLORS), len(S.SHAPES)),
+    ("size", len(S.COLORS), len(S.SIZES)),
+    ("relation", len(S.COLORS) ** 2, len(S.RELATIONS)),
+)
+_CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def caption_fact_targets(captions: list) -> dict:
+    """What each caption states, as class targets per colour slot (-100 where it states nothing).
+
+    Colours are distinct within a scene (``shapes.sample_spec``), so an object is named by its colour:
+    ``motion[i, c]`` / ``shape[i, c]`` / ``size[i, c]`` of the ``c``-coloured object of caption ``i``, and
+    ``relation[i, a * C + b]`` the relation of colour ``a`` to colour ``b`` (stated both ways: "A left of B"
+    is also "B right of A")."""
+    out = {name: torch.full((len(captions), slots), -100, dtype=torch.long) for name, slots, _ in _FACT_GROUPS}
+    for i, caption in enumerate(captions):
+        spec = S.parse_prompt(caption)
+        for obj in spec.objects:
+            if obj.color is None:
+                continue
+            c = _COLOR_INDEX[obj.color]
+            out["shape"][i, c] = S.SHAPES.index(obj.shape)
+            if obj.motion is not None:
+                out["motion"][i, c] = S.MOTIONS.index(obj.motion)
+            if obj.size is not None:
+                out["size"][i, c] = S.SIZES.index(obj.size)
+        for rel in spec.relations:
+            a, b = spec.objects[rel.subject].color, spec.objects[rel.reference].color
+            if a is None or b is None:
+                continue
+            a, b = _COLOR_INDEX[a], _COLOR_INDEX[b]
+            out["relation"][i, a * len(S.COLORS) + b] = S.RELATIONS.index(rel.relation)
+            out["relation"][i, b * len(S.COLORS) + a] = S.RELATIONS.index(_CONVERSE[rel.relation])
+    return out
+
+
+class CaptionFactHeads(torch.nn.Module):
+    """Object-centric read-outs of the caption's facts from the video tokens: a learned query per colour attends
+    over the tokens (the [CLS] included) and one shared linear layer maps what it gathers to the object's motion,
+    shape and size; a pair's two gathered features, concatenated, map to their relation.
+
+    Why: the contrastive and matching losses alone leave motion direction and spatial relation out of the pooled
+    features (``benchmarks/world_vlm_probe.py``). The read-outs are shared over colours so every clip pushes the
+    tokens towards one motion / relation code (a separate linear read-out per colour slot, measured, learns
+    motion no faster than chance in 400 steps: each slot sees a seventh of the clips). Training only: not part of
+    the saved model."""
+
+    def __init__(self, width: int, heads: int = 4):
+        super().__init__()
+        n_colors = len(S.COLORS)
+        self.queries = torch.nn.Parameter(torch.randn(n_colors, width) * 0.02)
+        self.norm = torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        self.object_out = torch.nn.Linear(width, sum(classes for name, _, classes in _FACT_GROUPS if name != "relation"))
+        self.relation_out = torch.nn.Linear(2 * width, len(S.RELATIONS))
+
+    def forward(self, tokens: torch.Tensor, targets: dict) -> dict:
+        """Cross-entropy per fact group over the slots a caption states, summed over groups; accuracies."""
+        b, n_colors = tokens.shape[0], len(S.COLORS)
+        kv = self.norm(tokens)
+        objects, _ = self.attn(self.queries[None].expand(b, -1, -1), kv, kv, need_weights=False)  # (B, C, width)
+        logits, start = {}, 0
+        per_object = self.object_out(objects)
+        for name, _, classes in _FACT_GROUPS:
+            if name != "relation":
+                logits[name] = per_object[..., start:start + classes].reshape(-1, classes)
+                start += classes
+        pairs = torch.cat([objects[:, :, None].expand(-1, -1, n_colors, -1),
+                           objects[:, None].expand(-1, n_colors, -1, -1)], dim=-1)  # (B, a, b, 2 width)
+        logits["relation"] = self.relation_out(pairs).reshape(-1, len(S.RELATIONS))
+        out = {"loss": tokens.new_zeros(())}
+        for name, _, _ in _FACT_GROUPS:
+            target = targets[name].reshape(-1)
+            valid = target >= 0
+            if not bool(valid.any()):
+                continue
+            out["loss"] = out["loss"] + F.cross_entropy(logits[name][valid], target[valid])
+            out[f"fact_acc_{name}"] = (logits[name][valid].argmax(-1) == target[valid]).float().mean().detach()
+        return out
+
+
 def pixels_of(model: InternVideo2, videos: torch.Tensor) -> torch.Tensor:
     """The reward path's preprocessing (``InternVideo2Backbone.encode_video``), so training sees what rewards see."""
     cfg = model.config
@@ -293,7 +392,7 @@ def pixels_of(model: InternVideo2, videos: torch.Tensor) -> torch.Tensor:
 
 def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.random.Generator,
            counterfactuals=None, cf_captions=None, counterfactual_prob: float = 0.5, degraded=None,
-           vtc_weight: float = 1.0):
+           vtc_weight: float = 1.0, fact_heads: "CaptionFactHeads | None" = None, fact_weight: float = 0.0):
     """VTC (with swapped captions, counterfactual clips and degraded clips as extra negatives) + class-balanced VTM;
     see the module docstring. ``counterfactuals[i]`` is clip ``i`` with its direction or relation swapped (or None);
     ``degraded[i]`` is clip ``i`` degraded (``degrade``, or None): a text->video negative only, matched by no caption
@@ -364,8 +463,13 @@ def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.
     swap_acc = acc[n_pos + b:][use_swap]
     cf_acc = acc[n_pos:n_pos + b][torch.from_numpy(np.isin(np.arange(b), used_cf))]
     nan = torch.tensor(float("nan"))
+    facts = {}
+    if fact_heads is not None and fact_weight > 0:
+        facts = fact_heads(tokens, caption_fact_targets(video_caps))
     return {
-        "loss": vtc_weight * loss_vtc + loss_vtm,
+        "loss": vtc_weight * loss_vtc + loss_vtm + (fact_weight * facts["loss"] if facts else 0.0),
+        "loss_facts": facts["loss"].detach() if facts else nan,
+        **{f"fact_acc_{name}": facts.get(f"fact_acc_{name}", nan) for name, _, _ in _FACT_GROUPS},
         "loss_vtc": loss_vtc.detach(),
         "loss_vtm": loss_vtm.detach(),
         "vtm_acc_pos": acc[:b].mean().detach(),
@@ -520,13 +624,16 @@ def evaluate(backbone: InternVideo2Backbone, args, progress: bool) -> dict:
 # ------------------------------------------------------------------------------------------------------
 # checkpointing (atomic: write a temporary directory, then rename)
 # ------------------------------------------------------------------------------------------------------
-def save_state(path: str, model, optimizer, step: int, history: list, elapsed: float):
+def save_state(path: str, model, optimizer, step: int, history: list, elapsed: float, fact_heads=None):
     from safetensors.torch import save_file
 
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    if fact_heads is not None:
+        save_file({k: v.detach().contiguous() for k, v in fact_heads.state_dict().items()},
+                  os.path.join(tmp, "fact_heads.safetensors"))
     opt = optimizer.state_dict()
     tensors, meta = {}, {"param_groups": opt["param_groups"], "state": {}}
     for pid, st in opt["state"].items():
@@ -547,12 +654,17 @@ def save_state(path: str, model, optimizer, step: int, history: list, elapsed: f
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(path: str, model, optimizer):
+def load_state(path: str, model, optimizer, fact_heads=None):
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "state.json")) as fh:
         state = json.load(fh)
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    heads_file = os.path.join(path, "fact_heads.safetensors")
+    if (fact_heads is not None) != os.path.isfile(heads_file):
+        raise ValueError(f"--resume: the checkpoint at {path} was written with a different --fact_weight (0 vs > 0)")
+    if fact_heads is not None:
+        fact_heads.load_state_dict(load_file(heads_file))
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     meta = state["optimizer"]
     opt_state = {"param_groups": meta["param_groups"], "state": {}}
@@ -602,8 +714,13 @@ def main(argv=None):
     tokenizer = build_word_tokenizer(S.VOCAB, max_length=MAX_TEXT_LEN)
     model = build_model(args, len(tokenizer))
     if args.init_from:
+        fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("vision_encoder.", "vision_proj."))}
         init_from_saved(model, args.init_from)
-        print(f"initialised from {args.init_from}", flush=True)
+        if args.reinit_vision:
+            model.load_state_dict(fresh, strict=False)
+        print(f"initialised from {args.init_from}" + (" (text tower only)" if args.reinit_vision else ""), flush=True)
+    if args.reinit_vision and not args.init_from:
+        raise ValueError("--reinit_vision needs --init_from (without it every tower starts afresh anyway)")
     if args.freeze_text_tower:
         if not args.init_from:
             raise ValueError("--freeze_text_tower needs --init_from (a random text tower would stay random)")
@@ -611,7 +728,10 @@ def main(argv=None):
         for name, param in model.text_encoder.named_parameters():
             if name.startswith("embeddings.") or (name.startswith("encoder.layer.") and int(name.split(".")[2]) < n_text):
                 param.requires_grad_(False)
+    fact_heads = CaptionFactHeads(model.config.vision_width) if args.fact_weight > 0 else None
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if fact_heads is not None:
+        trainable += [(f"fact_heads.{n}", p) for n, p in fact_heads.named_parameters()]
     decay = [p for n, p in trainable if p.dim() >= 2 and "pos_embed" not in n]
     no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "pos_embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -624,7 +744,7 @@ def main(argv=None):
     if args.resume:
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
-        step, history, elapsed = load_state(ckpt_dir, model, optimizer)
+        step, history, elapsed = load_state(ckpt_dir, model, optimizer, fact_heads)
         print(f"resumed at step {step}", flush=True)
 
     t0 = time.time()
@@ -642,14 +762,14 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         out = losses(model, tokenizer, videos, captions, negatives, rng, counterfactuals, cf_captions,
-                     args.counterfactual_prob, degraded, args.vtc_weight)
+                     args.counterfactual_prob, degraded, args.vtc_weight, fact_heads, args.fact_weight)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
         optimizer.step()
         step += 1
         for k in ("loss_vtc", "loss_vtm", "vtm_acc_pos", "vtm_acc_swap", "vtm_acc_counterfactual", "cos_clean_gt_degraded",
-                  "temp"):
+                  "temp", "loss_facts", "fact_acc_motion", "fact_acc_relation"):
             if not math.isnan(float(out[k])):
                 running[k] = 0.9 * running.get(k, float(out[k])) + 0.1 * float(out[k])
         if step % 10 == 0 or step == args.steps:
@@ -660,7 +780,7 @@ def main(argv=None):
                             q_acc=f"{running.get('cos_clean_gt_degraded', float('nan')):.2f}")
         bar.update(1)
         if step % args.save_every == 0 and step < args.steps:
-            save_state(ckpt_dir, model, optimizer, step, history, time.time() - t_start)
+            save_state(ckpt_dir, model, optimizer, step, history, time.time() - t_start, fact_heads)
     bar.close()
     train_time = time.time() - t_start
     print(f"trained {args.steps} steps in {train_time:.0f}s (+{render_time:.0f}s rendering the pool)", flush=True)
