@@ -3,8 +3,9 @@
     python benchmarks/world_vlm_probe.py                     # the shipped VLM, ~2 min on 1 core
     python benchmarks/world_vlm_probe.py --vlm DIR           # another one (scripts/pretrain_world_vlm.py --out DIR)
 
-The README's world section says direction and relation stay near chance when the VLM ranks a right caption over a
-swapped one. This asks one step earlier whether the video encoder carries them at all: clips with exactly one moving
+Whether a VLM ranks a right caption over a direction- or relation-swapped one depends first on whether its video
+features carry them at all (the previous, tubelet-4 world VLM: in its patch tokens only; the shipped one: direction in
+every feature, relation in the patch tokens). This asks that: clips with exactly one moving
 object (4-way direction) and clips with one relation between two objects (4-way relation) are rendered from the
 train split (probe training) and the held-out split (probe test); a multinomial logistic regression (L-BFGS, a little
 L2, standardized features) is fitted on each feature the VLM exposes: the joint-space embedding (what the quality
