@@ -40,12 +40,9 @@ def labelled(specs, task: str):
             subject, reference = spec.objects[rel.subject], spec.objects[rel.reference]
             relation = rel.relation
             if (str(subject.color), subject.shape) > (str(reference.color), reference.shape):
-                relation = _CONVERSE[relation]
+                relation = S.CONVERSE_RELATION[relation]
             out.append((k, S.RELATIONS.index(relation)))
     return out
-
-
-_CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 @torch.no_grad()

@@ -108,6 +108,11 @@ def parse_args(argv=None):
                    help="share of VTM video negatives that are the clip's counterfactual (its direction or relation "
                         "swapped, rendered with the same layout seed) instead of an in-batch clip; 0 (the shipped "
                         "model) renders no counterfactuals")
+    p.add_argument("--counterfactual_kinds", nargs="+", default=["direction", "relation"], choices=["direction", "relation"],
+                   help="what a counterfactual clip swaps (drawn among these for each clip)")
+    p.add_argument("--negative_weight", action="append", default=[], metavar="KIND=W",
+                   help="how often an attribute swap of KIND is drawn as a clip's negative caption, relative to the "
+                        f"others (repeatable; defaults {NEGATIVE_WEIGHTS})")
     p.add_argument("--quality_negative_prob", type=float, default=0.0,
                    help="share of clips that also enter the text->video contrast as a degraded copy (blur, pixel noise, "
                         "brightness flicker, frame shuffle, at random strengths; ``degrade``) that no caption matches, so "
@@ -172,12 +177,13 @@ def augment(video: torch.Tensor, spec: S.SceneSpec, flip: bool, reverse: bool, c
     return video, spec, cf_video, cf_spec
 
 
-def counterfactual_spec(spec: S.SceneSpec, rng: np.random.Generator) -> S.SceneSpec | None:
+def counterfactual_spec(spec: S.SceneSpec, rng: np.random.Generator,
+                        kinds=("direction", "relation")) -> S.SceneSpec | None:
     """The clip's spec with its motion direction or its spatial relation swapped (train split only), or None.
 
     Rendered with the clip's own layout seed, the counterfactual shares its background, colours and sizes: the
     pair differs in *where things go or sit*, the two kinds a per-patch feature cannot tell apart."""
-    options = [n for n in S.hard_negatives(spec, rng, kinds=("direction", "relation")) if S.split_of(n.spec) == "train"]
+    options = [n for n in S.hard_negatives(spec, rng, kinds=tuple(kinds)) if S.split_of(n.spec) == "train"]
     if not options:
         return None
     return options[int(rng.integers(len(options)))].spec
@@ -206,7 +212,8 @@ def degrade(video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return D.shuffle_frames(video, generator=gen)
 
 
-def render_pool(n: int, split: str, seed: int, chunk: int = 256, progress: bool = True, counterfactuals: bool = True):
+def render_pool(n: int, split: str, seed: int, chunk: int = 256, progress: bool = True, counterfactuals: bool = True,
+                counterfactual_kinds=("direction", "relation")):
     """``n`` clips of ``split`` as uint8 ``(n, T, 3, H, W)`` (4x less memory than float) with their specs, and
     for each its counterfactual clip (``counterfactual_spec``; a zero clip and ``None`` where there is none)."""
     videos, specs, cf_videos, cf_specs = [], [], [], []
@@ -215,7 +222,7 @@ def render_pool(n: int, split: str, seed: int, chunk: int = 256, progress: bool 
         videos.append((batch.videos * 255).round().to(torch.uint8))
         specs.extend(batch.specs)
         rng = np.random.default_rng([seed, 404, start])
-        cf = [counterfactual_spec(spec, rng) if counterfactuals else None for spec in batch.specs]
+        cf = [counterfactual_spec(spec, rng, counterfactual_kinds) if counterfactuals else None for spec in batch.specs]
         cf_video = torch.zeros_like(videos[-1])
         have = [k for k, c in enumerate(cf) if c is not None]
         if have:
@@ -231,7 +238,8 @@ def step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, 101, step])
 
 
-def make_batch(pool, batch_size: int, rng: np.random.Generator, quality_negative_prob: float = 0.0):
+def make_batch(pool, batch_size: int, rng: np.random.Generator, quality_negative_prob: float = 0.0,
+               negative_weights: dict | None = None):
     """A batch of (clip, caption, attribute-swapped caption, counterfactual clip or None, degraded clip or None), all
     drawn from ``rng``."""
     pool_videos, pool_specs, cf_videos, cf_specs = pool
@@ -242,7 +250,7 @@ def make_batch(pool, batch_size: int, rng: np.random.Generator, quality_negative
         video, spec, cf, cf_spec = augment(pool_videos[i].float() / 255.0, pool_specs[i], rng.random() < 0.5,
                                            rng.random() < 0.5, cf, cf_specs[i])
         options = S.hard_negatives(spec, rng)  # default forbids held-out color-shape pairs even in negatives
-        weights = np.array([NEGATIVE_WEIGHTS[o.kind] for o in options], dtype=np.float64)
+        weights = np.array([(negative_weights or NEGATIVE_WEIGHTS)[o.kind] for o in options], dtype=np.float64)
         videos.append(video)
         captions.append(S.caption_of(spec))
         negatives.append(options[int(rng.choice(len(options), p=weights / weights.sum()))].caption)
@@ -306,7 +314,6 @@ _FACT_GROUPS = (  # (name, slots, classes): per colour, or per ordered pair of c
     ("size", len(S.COLORS), len(S.SIZES)),
     ("relation", len(S.COLORS) ** 2, len(S.RELATIONS)),
 )
-_CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def caption_fact_targets(captions: list) -> dict:
@@ -334,7 +341,7 @@ def caption_fact_targets(captions: list) -> dict:
                 continue
             a, b = _COLOR_INDEX[a], _COLOR_INDEX[b]
             out["relation"][i, a * len(S.COLORS) + b] = S.RELATIONS.index(rel.relation)
-            out["relation"][i, b * len(S.COLORS) + a] = S.RELATIONS.index(_CONVERSE[rel.relation])
+            out["relation"][i, b * len(S.COLORS) + a] = S.RELATIONS.index(S.CONVERSE_RELATION[rel.relation])
     return out
 
 
@@ -706,6 +713,21 @@ def plot_history(history: list, path: str):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.reinit_vision and not args.init_from:
+        raise ValueError("--reinit_vision needs --init_from (without it every tower starts afresh anyway)")
+    if not (args.fact_weight >= 0 and math.isfinite(args.fact_weight)):
+        raise ValueError(f"--fact_weight must be a finite number >= 0, got {args.fact_weight}")
+    negative_weights = dict(NEGATIVE_WEIGHTS)
+    for item in args.negative_weight:
+        kind, _, value = item.partition("=")
+        if kind not in negative_weights:
+            raise ValueError(f"--negative_weight {item!r}: KIND must be one of {sorted(negative_weights)}")
+        try:
+            negative_weights[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"--negative_weight {item!r}: W must be a number") from None
+        if not (negative_weights[kind] >= 0 and math.isfinite(negative_weights[kind])):
+            raise ValueError(f"--negative_weight {item!r}: W must be a finite number >= 0")
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
     os.makedirs(args.report_dir, exist_ok=True)
@@ -719,8 +741,6 @@ def main(argv=None):
         if args.reinit_vision:
             model.load_state_dict(fresh, strict=False)
         print(f"initialised from {args.init_from}" + (" (text tower only)" if args.reinit_vision else ""), flush=True)
-    if args.reinit_vision and not args.init_from:
-        raise ValueError("--reinit_vision needs --init_from (without it every tower starts afresh anyway)")
     if args.freeze_text_tower:
         if not args.init_from:
             raise ValueError("--freeze_text_tower needs --init_from (a random text tower would stay random)")
@@ -748,7 +768,7 @@ def main(argv=None):
         print(f"resumed at step {step}", flush=True)
 
     t0 = time.time()
-    pool = render_pool(args.pool_size, "train", args.seed, progress=progress,
+    pool = render_pool(args.pool_size, "train", args.seed, progress=progress, counterfactual_kinds=args.counterfactual_kinds,
                        counterfactuals=args.counterfactual_prob > 0)
     render_time = time.time() - t0
     model.train()
@@ -758,7 +778,7 @@ def main(argv=None):
     while step < args.steps:
         rng = step_rng(args.seed, step)
         videos, captions, negatives, counterfactuals, cf_captions, degraded = make_batch(
-            pool, args.batch_size, rng, args.quality_negative_prob)
+            pool, args.batch_size, rng, args.quality_negative_prob, negative_weights)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         out = losses(model, tokenizer, videos, captions, negatives, rng, counterfactuals, cf_captions,

@@ -55,9 +55,19 @@ def test_caption_fact_heads_train_the_tokens(script):
     assert tokens.grad is not None and tokens.grad.abs().sum() > 0
 
 
-def test_reinit_vision_needs_init_from(script, tmp_path):
-    with pytest.raises(ValueError, match="--reinit_vision needs --init_from"):
-        script.main(["--reinit_vision", "--out", str(tmp_path / "m"), "--report_dir", str(tmp_path / "r")])
+@pytest.mark.parametrize("argv, message", [
+    (["--reinit_vision"], "--reinit_vision needs --init_from"),
+    (["--fact_weight", "-1"], "--fact_weight must be a finite number >= 0"),
+    (["--fact_weight", "nan"], "--fact_weight must be a finite number >= 0"),
+    (["--negative_weight", "colour=2"], "KIND must be one of"),
+    (["--negative_weight", "relation=lots"], "W must be a number"),
+    (["--negative_weight", "relation=-1"], "W must be a finite number >= 0"),
+])
+def test_bad_flags_are_named(script, tmp_path, argv, message):
+    with pytest.raises(ValueError, match=message):
+        script.main(argv + ["--pool_size", "8", "--width", "32", "--embed_dim", "16", "--vision_depth", "1",
+                            "--text_depth", "2", "--fusion_layers", "1", "--no_progress",
+                            "--out", str(tmp_path / "m"), "--report_dir", str(tmp_path / "r")])
 
 
 def _run(script, tmp, steps, extra=()):

@@ -38,6 +38,7 @@ __all__ = [
     "SIZES",
     "MOTIONS",
     "RELATIONS",
+    "CONVERSE_RELATION",
     "SPLITS",
     "HELDOUT_PAIRS",
     "NEGATIVE_KINDS",
@@ -111,7 +112,8 @@ _RELATION_PHRASES = {
     "above": ("above",),
     "below": ("below",),
 }
-_OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# "A left of B" is "B right of A": the relation seen from the other object (and the swap a relation negative makes).
+CONVERSE_RELATION: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 _OPPOSITE_MOTION = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "left"}
 _DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), "still": (0.0, 0.0)}
 
@@ -1094,7 +1096,7 @@ def _negative(kind: str, spec: SceneSpec, rng: np.random.Generator, forbidden) -
             return None
         k = int(rng.integers(len(spec.relations)))
         rels = list(spec.relations)
-        rels[k] = replace(rels[k], relation=_OPPOSITE_RELATION[rels[k].relation])
+        rels[k] = replace(rels[k], relation=CONVERSE_RELATION[rels[k].relation])
         return SceneSpec(objects, tuple(rels))
     if kind == "binding":  # swap the colors of two objects: same words, different binding
         colored = [i for i, o in enumerate(objects) if o.color is not None]
