@@ -102,12 +102,12 @@ def parse_args(argv=None):
     p.add_argument("--embed_dim", type=int, default=64)
     p.add_argument("--patch_size", type=int, default=8)
     p.add_argument("--tubelet_size", type=int, default=4,
-                   help="frames per token (4, the shipped model: 2x4x4 tokens + [CLS] = 33; 2: 4x4x4 + [CLS] = 65, four "
-                        "temporal positions instead of two)")
+                   help="frames per token (4, stage 0 of the shipped model: 2x4x4 tokens + [CLS] = 33; 2, the shipped "
+                        "model: 4x4x4 + [CLS] = 65, four temporal positions instead of two)")
     p.add_argument("--counterfactual_prob", type=float, default=0.0,
                    help="share of VTM video negatives that are the clip's counterfactual (its direction or relation "
-                        "swapped, rendered with the same layout seed) instead of an in-batch clip; 0 (the shipped "
-                        "model) renders no counterfactuals")
+                        "swapped, rendered with the same layout seed) instead of an in-batch clip; 0 renders no "
+                        "counterfactuals (stage 0 of the shipped model; its later stages use 0.5)")
     p.add_argument("--counterfactual_kinds", nargs="+", default=["direction", "relation"], choices=["direction", "relation"],
                    help="what a counterfactual clip swaps (drawn among these for each clip)")
     p.add_argument("--negative_weight", action="append", default=[], metavar="KIND=W",
@@ -130,10 +130,10 @@ def parse_args(argv=None):
                    help="weight of the contrastive loss against the matching loss (1: the shipped model; 0 trains the "
                         "matching head alone, e.g. on counterfactuals)")
     p.add_argument("--fact_weight", type=float, default=0.0,
-                   help="weight of the caption-facts loss: from the joint-space video embedding and the video [CLS] "
-                        "token, predict what the clip's own caption states about each object (named by its colour, "
-                        "unique in a scene): its motion, shape and size, and the relation between each related pair "
-                        "(``CaptionFactHeads``); 0 (the shipped model before this flag): off. The targets are the "
+                   help="weight of the caption-facts loss: from the video tokens, predict what the clip's own caption "
+                        "states about each object (named by its colour, unique in a scene): its motion, shape and size, "
+                        "and the relation between each related pair (``CaptionFactHeads``); 0: off (stage 0 of the "
+                        "shipped model; its later stages use 1). The targets are the "
                         "caption parsed, no information beyond the text")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save_every", type=int, default=50)
@@ -736,9 +736,10 @@ def main(argv=None):
     tokenizer = build_word_tokenizer(S.VOCAB, max_length=MAX_TEXT_LEN)
     model = build_model(args, len(tokenizer))
     if args.init_from:
-        fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("vision_encoder.", "vision_proj."))}
+        fresh = ({k: v.clone() for k, v in model.state_dict().items() if k.startswith(("vision_encoder.", "vision_proj."))}
+                 if args.reinit_vision else None)
         init_from_saved(model, args.init_from)
-        if args.reinit_vision:
+        if fresh is not None:
             model.load_state_dict(fresh, strict=False)
         print(f"initialised from {args.init_from}" + (" (text tower only)" if args.reinit_vision else ""), flush=True)
     if args.freeze_text_tower:
