@@ -4,10 +4,11 @@ A VideoCrafter2/ModelScope-style latent video diffusion model built from diffuse
 
 * ``vae/``: a tiny per-frame ``AutoencoderKL`` (32x32x3 <-> 16x16x4, factor 2), trained here first on frames
   of the world (L1 + MSE reconstruction, a light KL); ``scaling_factor`` makes the latents unit-variance.
-* ``text_encoder/`` + ``tokenizer/``: a frozen ``transformers.BertModel`` -- the text-only layers of the
-  world's video-text model (``scripts/pretrain_world_vlm.py``), converted weight for weight, with its word
-  tokenizer. As Stable Diffusion reuses CLIP's text tower, the generator reuses the VLM's; captions are
-  padded to 20 tokens (the longest caption has 19).
+* ``text_encoder/`` + ``tokenizer/``: a frozen ``transformers.BertModel`` -- the text-only layers of a
+  world video-text model (``scripts/pretrain_world_vlm.py``; the shipped generator: its stage 0), converted
+  weight for weight, with its word tokenizer. As Stable Diffusion reuses CLIP's text tower, the generator
+  reuses a VLM's; the shipped reward VLM trains its own copy further (as the paper's generator conditions on
+  OpenCLIP and its reward is InternVideo2's). Captions are padded to 20 tokens (the longest caption has 19).
 * ``unet/``: a ``UNet3DConditionModel`` over 8x16x16x4 latents (epsilon prediction, cross-attention to the
   text tokens at 8x8 and 4x4), trained with min-SNR-weighted denoising loss, captions dropped 10% of the time
   for classifier-free guidance, and an EMA of the weights (saved).
@@ -22,7 +23,10 @@ At the end it samples train and held-out prompts (DDIM, classifier-free guidance
 generated clips with the world's analyzer (``pisces_fast.eval.analyzer``) and with the world's VLM, and writes
 GIF grids and a PNG contact sheet.
 
-    python scripts/pretrain_world_generator.py --vlm pisces_fast/assets/world/vlm --out pisces_fast/assets/world/generator
+    python scripts/pretrain_world_generator.py --vlm STAGE0 --out pisces_fast/assets/world/generator
+
+(``STAGE0``: the first of the world VLM's runs, ``scripts/pretrain_world_vlm.py --out STAGE0``, whose text tower
+the shipped generator conditions on.)
 
 Resumable: ``--resume`` reuses a finished VAE stage and continues UNet training from
 ``<report_dir>/checkpoint`` (written atomically every ``--save_every`` steps); every random choice is a
@@ -53,7 +57,9 @@ NUM_FRAMES, SIZE = 8, 32
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vlm", default="pisces_fast/assets/world/vlm", help="the world VLM (its text tower conditions the UNet)")
+    p.add_argument("--vlm", default="pisces_fast/assets/world/vlm",
+                   help="a world VLM whose text tower conditions the UNet (the shipped generator's: STAGE0 of "
+                        "scripts/pretrain_world_vlm.py; the shipped reward VLM has trained its own copy further)")
     p.add_argument("--out", default="pisces_fast/assets/world/generator")
     p.add_argument("--report_dir", default="outputs/world_generator", help="samples, metrics, curves, checkpoints")
     p.add_argument("--seed", type=int, default=0)

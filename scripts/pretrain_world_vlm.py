@@ -1,9 +1,10 @@
 """Pretrain the shapes world's video-text model (the reward backbone the embedded world ships).
 
 A small InternVideo2-stage-2-style model (``pisces_fast.rewards.backbones.InternVideo2``: a video ViT over
-2x4x4 spatio-temporal patches -- 4-frame tubelets of 8x8 pixels -- of 8x32x32 clips plus [CLS], a BERT whose
-last 2 layers cross-attend to the video tokens, a VTM head, projections into a 64-d joint space) is trained on the train split of
-``pisces_fast.data.shapes`` with InternVideo2's two stage-2 losses:
+spatio-temporal patches of 8x32x32 clips -- tubelets of 4 frames (2x4x4 tokens, the default) or 2 (4x4x4, the
+shipped model) of 8x8 pixels -- plus [CLS], a BERT whose last 2 (shipped: 4) layers cross-attend to the video
+tokens, a VTM head, projections into a 64-d joint space) is trained on the train split of ``pisces_fast.data.shapes``
+with InternVideo2's two stage-2 losses:
 
 * video-text contrastive (VTC), both directions; the video->text side also contrasts every clip against
   an attribute-swapped caption of each clip in the batch (``shapes.hard_negatives``: color, shape, size,
@@ -25,19 +26,25 @@ vanilla and partial-OT attention) of the right clip vs a wrong clip (a clip of t
 
     python scripts/pretrain_world_vlm.py --out pisces_fast/assets/world/vlm
 
-The shipped model is made in three runs (~7 + 13 + 13 min on 2 cores). The first is the command above with
+The shipped model is made in four runs (~7 + 13 + 13 + 15 min on 2 cores). The first is the command above with
 ``--out STAGE0``: tubelet 4, whose text tower the shipped generator conditions on. The next two keep that text tower
 fixed, halve the tubelet (four temporal positions) and add the caption-facts objective (``CaptionFactHeads``: from the
 video tokens, predict each named object's motion, shape and size and each stated relation -- the caption parsed,
 nothing beyond the text) and counterfactual clips as VTM video negatives (the same scene with its direction or relation
 swapped, ``counterfactual_spec``). The second starts the video encoder afresh (the tubelet-4 one, fine-tuned, learnt
 no motion in 600 steps even with the facts loss; a fresh one reads motion from step ~500), the third continues it at
-half the learning rate:
+half the learning rate. The fourth frees the text tower (the reward's text encoder is not the generator's, as in the
+paper), adds two fusion layers on top of the saved two (``init_from_saved``) and reads the caption's facts from the
+matching head itself (``--matching_fact_weight``): without it the head stayed blind to spatial relation (held-out
+0.49-0.60 in four runs, whatever the negatives), with it relation counterfactuals are rejected from step ~450:
 
     python scripts/pretrain_world_vlm.py --init_from STAGE0 --reinit_vision --freeze_text_tower --tubelet_size 2 \
         --counterfactual_prob 0.5 --fact_weight 1 --out STAGE1
     python scripts/pretrain_world_vlm.py --init_from STAGE1 --freeze_text_tower --tubelet_size 2 \
-        --counterfactual_prob 0.5 --fact_weight 1 --lr 5e-4 --warmup 30 --out pisces_fast/assets/world/vlm
+        --counterfactual_prob 0.5 --fact_weight 1 --lr 5e-4 --warmup 30 --out STAGE2
+    python scripts/pretrain_world_vlm.py --init_from STAGE2 --tubelet_size 2 --text_depth 6 --fusion_layers 4 \
+        --counterfactual_prob 0.5 --counterfactual_kinds relation --negative_weight relation=10 --fact_weight 1 \
+        --matching_fact_weight 1 --lr 5e-4 --warmup 30 --out pisces_fast/assets/world/vlm
 
 writes ``config.json`` + ``model.safetensors`` + tokenizer files (``InternVideo2Backbone.from_pretrained``
 reads them) and ``training_summary.json`` into ``--out``, and curves/metrics into ``--report_dir``.
@@ -129,6 +136,17 @@ def parse_args(argv=None):
     p.add_argument("--vtc_weight", type=float, default=1.0,
                    help="weight of the contrastive loss against the matching loss (1: the shipped model; 0 trains the "
                         "matching head alone, e.g. on counterfactuals)")
+    p.add_argument("--matching_fact_weight", type=float, default=0.0,
+                   help="weight of the caption-facts read-outs from the matching head (``matching_fact_targets``), over "
+                        "every (clip, caption) pair the matching loss sees, mismatched ones included: half-way through "
+                        "the fusion layers each caption word naming a colour predicts that object's motion, shape and "
+                        "size *in the clip*, and the subject's and reference's words together their relation in the "
+                        "clip; one layer before the end the subject's word predicts whether that relation is the "
+                        "stated one. Why: with the matching loss alone the fusion cross-attention stays diffuse (a bag "
+                        "of tokens: colour, count, size, motion, but not which object is where), and 'stated relation "
+                        "== shown relation' is an XOR of a word and the geometry, whose first-order gradients vanish, "
+                        "so the head stays blind to binding and relation. 0: off (the first three runs of the shipped "
+                        "model)")
     p.add_argument("--fact_weight", type=float, default=0.0,
                    help="weight of the caption-facts loss: from the video tokens, predict what the clip's own caption "
                         "states about each object (named by its colour, unique in a scene): its motion, shape and size, "
@@ -276,11 +294,16 @@ def build_model(args, vocab_size: int) -> InternVideo2:
 
 
 def init_from_saved(model: InternVideo2, directory: str) -> None:
-    """Load a saved world VLM into ``model`` whose tubelet may be shorter.
+    """Load a saved world VLM into ``model`` whose tubelet may be shorter and whose matching head may be deeper.
 
     The patch kernel ``W`` over ``t_old`` frames becomes ``W'_j = sum_{k = j mod t_new} W_k`` over ``t_new``
     frames, so on a static clip every new token equals the old token (the old model's features are kept while
     time gets finer); the temporal position embedding is resampled linearly (``interpolate_pos_embed``).
+
+    With more ``--fusion_layers`` (and ``--text_depth`` grown by as many, so the text-only layers are the same),
+    the saved fusion layers keep their place and the new ones go on top, their three output projections
+    zero-initialised: each new sub-layer then adds nothing to its residual stream at the start, so the loaded
+    model's matching head is where training starts from (up to the new layers' LayerNorms).
     """
     from safetensors.torch import load_file
 
@@ -298,13 +321,27 @@ def init_from_saved(model: InternVideo2, directory: str) -> None:
     pos = "vision_encoder.pos_embed"
     state[pos] = interpolate_pos_embed(state[pos], old_cfg.grid, model.config.grid)
     own = model.state_dict()
+    if model.config.fusion_layers < old_cfg.fusion_layers or model.config.fusion_start != old_cfg.fusion_start:
+        raise ValueError(
+            f"--init_from {directory}: the saved model has {old_cfg.text_depth} text layers, the last "
+            f"{old_cfg.fusion_layers} fusion; a model made from it keeps its {old_cfg.fusion_start} text-only layers and "
+            f"may add fusion layers on top (--text_depth {old_cfg.text_depth} + N --fusion_layers "
+            f"{old_cfg.fusion_layers} + N), got --text_depth {model.config.text_depth} "
+            f"--fusion_layers {model.config.fusion_layers}")
     bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
     if bad:
         raise ValueError(f"--init_from {directory}: incompatible tensors {bad[:5]} (widths/depths must match)")
-    missing = [k for k in own if k not in state]
+    new_layers = tuple(f"text_encoder.encoder.layer.{i}." for i in range(old_cfg.text_depth, model.config.text_depth))
+    missing = [k for k in own if k not in state and not k.startswith(new_layers)]
     if missing:
         raise ValueError(f"--init_from {directory}: the checkpoint lacks {missing[:5]}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for i in range(old_cfg.text_depth, model.config.text_depth):
+            layer = model.text_encoder.encoder.layer[i]
+            for out in (layer.attention.output, layer.crossattention.output, layer.output):
+                out.dense.weight.zero_()
+                out.dense.bias.zero_()
 
 
 _COLOR_INDEX = {c: k for k, c in enumerate(S.COLORS)}
@@ -345,6 +382,83 @@ def caption_fact_targets(captions: list) -> dict:
     return out
 
 
+def matching_relation_targets(video_captions: list, texts: list) -> torch.Tensor:
+    """For each (clip, caption) pair -- the clip described by ``video_captions[i]``, the caption ``texts[i]`` --
+    the relation, in the clip, of the caption's first relation's subject (by colour) to its reference: an index
+    into ``shapes.RELATIONS``, or -100 where the caption states no relation between coloured objects or the clip
+    does not relate those two colours."""
+    n_colors = len(S.COLORS)
+    shown = caption_fact_targets(video_captions)["relation"]
+    out = torch.full((len(texts),), -100, dtype=torch.long)
+    for i, text in enumerate(texts):
+        pair = _stated_pair(text)
+        if pair is not None:
+            out[i] = shown[i, pair[0] * n_colors + pair[1]]
+    return out
+
+
+def _stated_pair(caption: str):
+    """(subject colour, reference colour) indices of the caption's first relation, or None."""
+    spec = S.parse_prompt(caption)
+    if not spec.relations:
+        return None
+    rel = spec.relations[0]
+    a, b = spec.objects[rel.subject].color, spec.objects[rel.reference].color
+    return None if a is None or b is None else (_COLOR_INDEX[a], _COLOR_INDEX[b])
+
+
+def matching_fact_targets(video_captions: list, texts: list, text_ids: torch.Tensor, color_ids: torch.Tensor) -> dict:
+    """What each (clip, caption) pair's clip shows about the objects the caption names, per caption token.
+
+    ``text_ids`` ``(P, N)`` are the captions' token ids, ``color_ids[c]`` the token id of colour ``c``. Returns
+    ``motion`` / ``shape`` / ``size`` ``(P, N)``: at each token naming a colour the clip shows, that object's
+    attribute in the clip (-100 elsewhere or where the clip's caption does not state it), and ``relation`` ``(P,)``
+    with ``subject_pos`` / ``reference_pos`` ``(P,)``: the clip's relation of the caption's subject to its reference
+    (``matching_relation_targets``) and the positions of their colour words (-100 / 0 where none), and
+    ``agreement`` ``(P,)``: 1 where that relation is the one the caption states, 0 where not, -100 where none."""
+    shown = caption_fact_targets(video_captions)
+    lut = torch.full((int(max(int(text_ids.max()), int(color_ids.max()))) + 1,), -1, dtype=torch.long)
+    lut[color_ids] = torch.arange(len(color_ids))
+    color_of_token = lut[text_ids]  # (P, N): the colour a token names, -1 if none
+    named = color_of_token >= 0
+    out = {}
+    for name, _, _ in _FACT_GROUPS:
+        if name != "relation":
+            out[name] = torch.where(named, shown[name].gather(1, color_of_token.clamp(min=0)), -100)
+    out["relation"] = matching_relation_targets(video_captions, texts)
+    out["agreement"] = torch.full((len(texts),), -100, dtype=torch.long)
+    out["subject_pos"] = torch.zeros(len(texts), dtype=torch.long)
+    out["reference_pos"] = torch.zeros(len(texts), dtype=torch.long)
+    for i, text in enumerate(texts):
+        pair = _stated_pair(text) if out["relation"][i] >= 0 else None
+        if pair is None:
+            continue
+        where = [(color_of_token[i] == c).nonzero() for c in pair]
+        if any(len(w) == 0 for w in where):  # a colour word the tokenizer did not keep (truncated)
+            out["relation"][i] = -100
+            continue
+        out["subject_pos"][i], out["reference_pos"][i] = int(where[0][0]), int(where[1][0])
+        stated = S.RELATIONS.index(S.parse_prompt(text).relations[0].relation)
+        out["agreement"][i] = int(int(out["relation"][i]) == stated)
+    return out
+
+
+def fused_states(model: InternVideo2, hidden, mask, video_tokens, frame_idx, coords, readouts=()):
+    """``model.fuse`` (unpadded video), also returning the text states after the first ``k`` fusion layers for each
+    ``k`` in ``readouts``: ``(output, [states])``."""
+    x, kept = hidden, {}
+    for k, layer in enumerate(model.text_encoder.encoder.layer[model.config.fusion_start:]):
+        x = layer(x, mask, video_tokens, video_mask=None, frame_idx=frame_idx, coords=coords)
+        kept[k + 1] = x
+    return x, [kept[k] for k in readouts]
+
+
+def matching_readout_layers(fusion_layers: int) -> tuple:
+    """After how many fusion layers the matching read-outs look: the objects' facts half-way, the relation's
+    agreement one layer before the end (so the [CLS] has a layer to gather it); both after the first."""
+    return max(1, fusion_layers // 2), max(1, fusion_layers - 1)
+
+
 class CaptionFactHeads(torch.nn.Module):
     """Object-centric read-outs of the caption's facts from the video tokens: a learned query per colour attends
     over the tokens (the [CLS] included) and one shared linear layer maps what it gathers to the object's motion,
@@ -353,16 +467,22 @@ class CaptionFactHeads(torch.nn.Module):
     Why: the contrastive and matching losses alone leave motion direction and spatial relation out of the pooled
     features (``benchmarks/world_vlm_probe.py``). The read-outs are shared over colours so every clip pushes the
     tokens towards one motion / relation code (a separate linear read-out per colour slot, measured, learns
-    motion no faster than chance in 400 steps: each slot sees a seventh of the clips). Training only: not part of
-    the saved model."""
+    motion no faster than chance in 400 steps: each slot sees a seventh of the clips). ``matching_object_out`` and
+    ``matching_relation_out`` read the same facts from the matching head's colour-word states instead
+    (``matching_facts``, ``--matching_fact_weight``). Training only: not part of the saved model."""
 
-    def __init__(self, width: int, heads: int = 4):
+    def __init__(self, width: int, heads: int = 4, text_width: int | None = None):
         super().__init__()
+        text_width = text_width or width
+        n_object_classes = sum(classes for name, _, classes in _FACT_GROUPS if name != "relation")
+        self.matching_object_out = torch.nn.Linear(text_width, n_object_classes)
+        self.matching_relation_out = torch.nn.Linear(2 * text_width, len(S.RELATIONS))
+        self.matching_agreement_out = torch.nn.Linear(text_width, 2)
         n_colors = len(S.COLORS)
         self.queries = torch.nn.Parameter(torch.randn(n_colors, width) * 0.02)
         self.norm = torch.nn.LayerNorm(width)
         self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-        self.object_out = torch.nn.Linear(width, sum(classes for name, _, classes in _FACT_GROUPS if name != "relation"))
+        self.object_out = torch.nn.Linear(width, n_object_classes)
         self.relation_out = torch.nn.Linear(2 * width, len(S.RELATIONS))
 
     def forward(self, tokens: torch.Tensor, targets: dict) -> dict:
@@ -390,6 +510,35 @@ class CaptionFactHeads(torch.nn.Module):
         return out
 
 
+def matching_facts(heads: CaptionFactHeads, states: torch.Tensor, late_states: torch.Tensor, targets: dict) -> dict:
+    """Cross-entropy of the facts read from the matching head's text states ``(P, N, width)`` against
+    ``matching_fact_targets``, summed over groups, plus the agreement read from the subject's colour word in
+    ``late_states`` (``matching_readout_layers``); accuracies (``matching_acc_<group>``)."""
+    out = {"loss": states.new_zeros(())}
+    per_token = heads.matching_object_out(states)
+    logits, start = {}, 0
+    for name, _, classes in _FACT_GROUPS:
+        if name != "relation":
+            logits[name] = per_token[..., start:start + classes].reshape(-1, classes)
+            start += classes
+    rows = torch.arange(len(states))
+    pairs = torch.cat([states[rows, targets["subject_pos"]], states[rows, targets["reference_pos"]]], dim=-1)
+    logits["relation"] = heads.matching_relation_out(pairs)
+    for name, _, _ in _FACT_GROUPS:
+        target = targets[name].reshape(-1)
+        valid = target >= 0
+        if not bool(valid.any()):
+            continue
+        out["loss"] = out["loss"] + F.cross_entropy(logits[name][valid].float(), target[valid])
+        out[f"matching_acc_{name}"] = (logits[name][valid].argmax(-1) == target[valid]).float().mean().detach()
+    valid = targets["agreement"] >= 0
+    if bool(valid.any()):
+        agree = heads.matching_agreement_out(late_states[rows, targets["subject_pos"]][valid])
+        out["loss"] = out["loss"] + F.cross_entropy(agree.float(), targets["agreement"][valid])
+        out["matching_acc_agreement"] = (agree.argmax(-1) == targets["agreement"][valid]).float().mean().detach()
+    return out
+
+
 def pixels_of(model: InternVideo2, videos: torch.Tensor) -> torch.Tensor:
     """The reward path's preprocessing (``InternVideo2Backbone.encode_video``), so training sees what rewards see."""
     cfg = model.config
@@ -399,7 +548,8 @@ def pixels_of(model: InternVideo2, videos: torch.Tensor) -> torch.Tensor:
 
 def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.random.Generator,
            counterfactuals=None, cf_captions=None, counterfactual_prob: float = 0.5, degraded=None,
-           vtc_weight: float = 1.0, fact_heads: "CaptionFactHeads | None" = None, fact_weight: float = 0.0):
+           vtc_weight: float = 1.0, fact_heads: "CaptionFactHeads | None" = None, fact_weight: float = 0.0,
+           matching_fact_weight: float = 0.0):
     """VTC (with swapped captions, counterfactual clips and degraded clips as extra negatives) + class-balanced VTM;
     see the module docstring. ``counterfactuals[i]`` is clip ``i`` with its direction or relation swapped (or None);
     ``degraded[i]`` is clip ``i`` degraded (``degrade``, or None): a text->video negative only, matched by no caption
@@ -459,7 +609,9 @@ def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.
     cf_vid = torch.tensor([cf_row[i] for i in used_cf], dtype=torch.long)
     text_idx = torch.cat([ar, cf_pos, ar, text_neg_idx])
     video_idx = torch.cat([ar, cf_vid, torch.tensor(video_neg), ar])
-    logits = model.vtm_logits(hidden[text_idx], mask[text_idx], tokens[video_idx], None, frame_idx, coords)
+    fused, (mid, late) = fused_states(model, hidden[text_idx], mask[text_idx], tokens[video_idx], frame_idx, coords,
+                                      matching_readout_layers(model.config.fusion_layers))
+    logits = model.itm_head(fused[:, 0])  # = model.vtm_logits, keeping inner states for the matching read-outs
     n_pos = b + len(used_cf)
     labels = torch.zeros(len(text_idx), dtype=torch.long)
     labels[:n_pos] = 1
@@ -473,8 +625,17 @@ def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.
     facts = {}
     if fact_heads is not None and fact_weight > 0:
         facts = fact_heads(tokens, caption_fact_targets(video_caps))
+    matching = {}
+    if fact_heads is not None and matching_fact_weight > 0:
+        color_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(S.COLORS)))
+        targets = matching_fact_targets([video_caps[int(v)] for v in video_idx], [texts[int(t)] for t in text_idx],
+                                        enc["input_ids"][text_idx], color_ids)
+        matching = matching_facts(fact_heads, mid, late, targets)
     return {
-        "loss": vtc_weight * loss_vtc + loss_vtm + (fact_weight * facts["loss"] if facts else 0.0),
+        "loss": (vtc_weight * loss_vtc + loss_vtm + (fact_weight * facts["loss"] if facts else 0.0)
+                 + (matching_fact_weight * matching["loss"] if matching else 0.0)),
+        **{f"matching_acc_{name}": matching.get(f"matching_acc_{name}", nan)
+           for name in [g for g, _, _ in _FACT_GROUPS] + ["agreement"]},
         "loss_facts": facts["loss"].detach() if facts else nan,
         **{f"fact_acc_{name}": facts.get(f"fact_acc_{name}", nan) for name, _, _ in _FACT_GROUPS},
         "loss_vtc": loss_vtc.detach(),
@@ -669,7 +830,8 @@ def load_state(path: str, model, optimizer, fact_heads=None):
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
     heads_file = os.path.join(path, "fact_heads.safetensors")
     if (fact_heads is not None) != os.path.isfile(heads_file):
-        raise ValueError(f"--resume: the checkpoint at {path} was written with a different --fact_weight (0 vs > 0)")
+        raise ValueError(f"--resume: the checkpoint at {path} was written with a different --fact_weight / "
+                         f"--matching_fact_weight (both 0 vs either > 0)")
     if fact_heads is not None:
         fact_heads.load_state_dict(load_file(heads_file))
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
@@ -715,8 +877,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.reinit_vision and not args.init_from:
         raise ValueError("--reinit_vision needs --init_from (without it every tower starts afresh anyway)")
-    if not (args.fact_weight >= 0 and math.isfinite(args.fact_weight)):
-        raise ValueError(f"--fact_weight must be a finite number >= 0, got {args.fact_weight}")
+    for flag in ("fact_weight", "matching_fact_weight"):
+        if not (getattr(args, flag) >= 0 and math.isfinite(getattr(args, flag))):
+            raise ValueError(f"--{flag} must be a finite number >= 0, got {getattr(args, flag)}")
     negative_weights = dict(NEGATIVE_WEIGHTS)
     for item in args.negative_weight:
         kind, _, value = item.partition("=")
@@ -749,7 +912,8 @@ def main(argv=None):
         for name, param in model.text_encoder.named_parameters():
             if name.startswith("embeddings.") or (name.startswith("encoder.layer.") and int(name.split(".")[2]) < n_text):
                 param.requires_grad_(False)
-    fact_heads = CaptionFactHeads(model.config.vision_width) if args.fact_weight > 0 else None
+    fact_heads = (CaptionFactHeads(model.config.vision_width, text_width=model.config.text_width)
+                  if args.fact_weight > 0 or args.matching_fact_weight > 0 else None)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if fact_heads is not None:
         trainable += [(f"fact_heads.{n}", p) for n, p in fact_heads.named_parameters()]
@@ -783,14 +947,16 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         out = losses(model, tokenizer, videos, captions, negatives, rng, counterfactuals, cf_captions,
-                     args.counterfactual_prob, degraded, args.vtc_weight, fact_heads, args.fact_weight)
+                     args.counterfactual_prob, degraded, args.vtc_weight, fact_heads, args.fact_weight,
+                     args.matching_fact_weight)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
         optimizer.step()
         step += 1
         for k in ("loss_vtc", "loss_vtm", "vtm_acc_pos", "vtm_acc_swap", "vtm_acc_counterfactual", "cos_clean_gt_degraded",
-                  "temp", "loss_facts", "fact_acc_motion", "fact_acc_relation"):
+                  "temp", "loss_facts", "fact_acc_motion", "fact_acc_relation",
+                  "matching_acc_motion", "matching_acc_relation", "matching_acc_agreement"):
             if not math.isnan(float(out[k])):
                 running[k] = 0.9 * running.get(k, float(out[k])) + 0.1 * float(out[k])
         if step % 10 == 0 or step == args.steps:

@@ -24,12 +24,13 @@ from pisces_fast.world.assets import (
     world_vlm_path,
 )
 
-# Measured (512 held-out clips, see training_summary.json): matched > swapped VTM 0.84 (count 0.97, size 0.95,
-# color 0.92, motion direction 0.86, shape 0.72, binding 0.68; spatial relation at chance, 0.49), t2v R@1 0.82
-# in batches of 64. The test uses 32 clips (~190 swapped pairs, 32 direction swaps) and rounds well down
-# (direction: the previous, tubelet-4 VLM scored 0.54, so 0.7 tells the two apart).
-MIN_SWAP_RANK_ACCURACY = 0.7
-MIN_DIRECTION_SWAP_RANK_ACCURACY = 0.7
+# Measured (512 held-out clips, see training_summary.json): matched > swapped VTM 0.91 (spatial relation 0.99,
+# size 0.99, count 0.97, motion direction 0.95, color 0.93, binding 0.84, shape 0.76), t2v R@1 0.95 in batches of
+# 64. The test uses 32 clips (~190 swapped pairs, 32 direction swaps, ~10 relation swaps) and holds direction and
+# relation to the issue's bar, 0.75 (the VLM before the caption-facts losses: direction 0.54, relation 0.44).
+MIN_SWAP_RANK_ACCURACY = 0.75
+MIN_KIND_SWAP_RANK_ACCURACY = {"direction": 0.75, "relation": 0.75}
+MIN_KIND_PAIRS = {"direction": 24, "relation": 6}
 MIN_T2V_R1_IN_32 = 0.5
 ASSET_BUDGET_BYTES = 20_000_000  # "<= 20 MB together"
 
@@ -88,11 +89,12 @@ def test_vlm_ranks_matching_caption_above_attribute_swaps_on_heldout(vlm, heldou
     accuracy = float(right.mean())
     assert len(idx) >= 64
     assert accuracy >= MIN_SWAP_RANK_ACCURACY, f"matched > swapped on only {accuracy:.2f} of {len(idx)} held-out pairs"
-    direction = torch.tensor([k == "direction" for k in kinds])
-    assert int(direction.sum()) >= 24
-    direction_accuracy = float(right[direction].mean())
-    assert direction_accuracy >= MIN_DIRECTION_SWAP_RANK_ACCURACY, (
-        f"motion direction: matched > swapped on only {direction_accuracy:.2f} of {int(direction.sum())} held-out pairs")
+    for kind, minimum in MIN_KIND_SWAP_RANK_ACCURACY.items():
+        of_kind = torch.tensor([k == kind for k in kinds])
+        assert int(of_kind.sum()) >= MIN_KIND_PAIRS[kind]
+        kind_accuracy = float(right[of_kind].mean())
+        assert kind_accuracy >= minimum, (
+            f"{kind}: matched > swapped on only {kind_accuracy:.2f} of {int(of_kind.sum())} held-out pairs")
 
 
 @torch.no_grad()
@@ -121,15 +123,29 @@ def test_generator_samples_a_finite_clip_in_a_few_ddim_steps(generator):
     assert float(video.std()) > 0.01  # not a constant image
 
 
-def test_generator_text_conditioning_is_the_vlm_text_tower(generator, vlm):
-    """The generator's BERT is the VLM's text-only layers, and prompts are padded as in training."""
+def test_generator_text_encoder_is_a_vlm_text_tower_converted_exactly(generator, vlm):
+    """The generator's BERT is the text-only layers of a world VLM (stage 0 of the shipped one, see
+    ``pretrain_world_generator.py``), converted weight for weight: loaded back into a model of the VLM's
+    architecture it encodes prompts, padded as in training, exactly as the generator does; and both read the
+    same word tokenizer. (The reward VLM's own text tower trains on from there, as the paper's reward model's
+    text encoder is not the generator's.)"""
+    from pisces_fast.rewards.backbones.internvideo2 import InternVideo2
+
     meta = world_generator_meta()
     prompts = ["a small red circle moving left and a blue square staying still", ""]
     cond = generator.encode_text(prompts)
     assert cond.embeds.shape == (2, meta["text_max_length"], vlm.config.text_width)
+    assert generator.text_encoder.tokenizer.get_vocab() == vlm.tokenizer.get_vocab()
+    tower = InternVideo2(vlm.config).eval()
+    state = {k: v for k, v in generator.text_encoder.model.state_dict().items()
+             if not k.startswith("pooler.") and not k.endswith(("position_ids", "token_type_ids"))}
+    missing, unexpected = tower.text_encoder.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert all(k.startswith("encoder.layer.") and int(k.split(".")[2]) >= vlm.config.fusion_start for k in missing)
     enc = generator.text_encoder.tokenizer(prompts, padding="max_length", max_length=meta["text_max_length"],
                                            return_tensors="pt")
-    ours, mask = vlm.model.encode_text(enc["input_ids"], enc["attention_mask"])
+    with torch.no_grad():
+        ours, mask = tower.encode_text(enc["input_ids"], enc["attention_mask"])
     torch.testing.assert_close(cond.embeds[mask], ours[mask], atol=1e-4, rtol=1e-4)
 
 
