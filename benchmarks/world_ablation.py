@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -81,10 +82,54 @@ def row_config(name: str, seed: int, args, out_dir: str):
         "world": {"eval_prompts": args.eval_prompts, "eval_seeds": [2 * seed, 2 * seed + 1],
                   "teacher_grid": [row], "student_grid": [row], "student_row": row},
     }
+    if args.vlm:
+        overrides["world"]["vlm"] = args.vlm
     overrides = _merge(overrides, ROWS[name] or {})
     if name == "GRPO" and args.grpo_steps:
         overrides["max_steps"] = args.grpo_steps
     return load_config(None, overrides, WORLD_DEFAULTS, WorldTrainConfig)
+
+
+def cache_key(args) -> dict:
+    """What every result cached under ``--out`` depends on: the models' weights and the arguments that shape a run
+    or the analyses (not which rows or seeds are asked for)."""
+    from pisces_fast.world.assets import world_generator_path, world_vlm_path
+
+    def digest(path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()[:16]
+
+    generator = world_generator_path()
+    return {
+        "vlm": digest(world_vlm_path(args.vlm) / "model.safetensors"),
+        "generator_unet": digest(next((generator / "unet").glob("*.safetensors"))),
+        **{k: getattr(args, k) for k in ("max_steps", "grpo_steps", "eval_prompts", "sampler", "table5_clips",
+                                         "table5_steps", "table8_clips")},
+    }
+
+
+def drop_stale_caches(out: str, key: dict) -> bool:
+    """Delete the cached runs, OT maps and analyses under ``out`` unless they were made under ``key`` (recorded in
+    ``cache_key.json``); then record ``key``. Returns whether anything was dropped. A changed VLM or argument must
+    never reuse results made without it."""
+    path = os.path.join(out, "cache_key.json")
+    old = None
+    if os.path.isfile(path):
+        with open(path) as fh:
+            old = json.load(fh)
+    dropped = False
+    if old != key:
+        stale = [os.path.join(out, n) for n in os.listdir(out) if n == "runs" or n.startswith("ot_map_seed")
+                 or n == "analyses.txt"]
+        for item in stale:
+            shutil.rmtree(item) if os.path.isdir(item) else os.remove(item)
+        dropped = bool(stale)
+        with open(path, "w") as fh:
+            json.dump(key, fh, indent=1)
+    return dropped
 
 
 def sampler_row(text: str) -> dict:
@@ -249,6 +294,8 @@ def main(argv=None) -> int:
         args.seeds, args.max_steps, args.grpo_steps, args.eval_prompts = args.seeds[:2], 4, 2, 2
         args.table5_clips, args.table5_steps, args.table8_clips = 256, 50, 64
     os.makedirs(args.out, exist_ok=True)
+    if drop_stale_caches(args.out, cache_key(args)):
+        print(f"{args.out}: cached results were made with other models or arguments; recomputing them", flush=True)
 
     results: Dict[str, Dict[int, dict]] = {}
     started = time.time()

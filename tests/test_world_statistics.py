@@ -1,6 +1,8 @@
 """The statistics of the world's benchmarks (reward validity, ablation CIs and paired tests) against independent
 computations: scipy, brute force over pairs, and closed forms."""
+import argparse
 import itertools
+import json
 import math
 import os
 import sys
@@ -81,3 +83,32 @@ def test_ablation_paired_test_matches_scipy_and_enumerates_sign_flips():
     # every difference is positive: only the all-plus and all-minus sign patterns are as extreme (2 of 16)
     assert out["perm_p"] == pytest.approx(2 / 16)
     assert wa.paired_test([0.1, 0.2], [0.1, 0.2])["perm_p"] == 1.0
+
+
+def test_ablation_caches_are_dropped_when_the_models_or_arguments_change(tmp_path):
+    """Cached runs, OT maps and analyses are reused only under the key they were made with (a new VLM once reused
+    the previous one's analyses silently)."""
+    def populate():
+        (tmp_path / "runs" / "full" / "seed0").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ot_map_seed0").mkdir(exist_ok=True)
+        (tmp_path / "analyses.txt").write_text("tables")
+        (tmp_path / "table.md").write_text("kept")
+
+    populate()
+    key = {"vlm": "aaaa", "max_steps": 60}
+    assert wa.drop_stale_caches(str(tmp_path), key)  # made without a key: not trusted
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "analyses.txt").exists()
+    populate()
+    assert not wa.drop_stale_caches(str(tmp_path), dict(key))  # same key: reused
+    assert (tmp_path / "runs" / "full" / "seed0").is_dir() and (tmp_path / "analyses.txt").read_text() == "tables"
+    assert wa.drop_stale_caches(str(tmp_path), {**key, "vlm": "bbbb"})  # another VLM: recomputed
+    assert not (tmp_path / "ot_map_seed0").exists() and (tmp_path / "table.md").read_text() == "kept"
+    assert json.loads((tmp_path / "cache_key.json").read_text())["vlm"] == "bbbb"
+
+
+def test_ablation_cache_key_names_the_models_and_run_arguments():
+    args = argparse.Namespace(vlm=None, max_steps=60, grpo_steps=12, eval_prompts=8, sampler="consistency:4:3",
+                              table5_clips=2048, table5_steps=300, table8_clips=512)
+    key = wa.cache_key(args)
+    assert len(key["vlm"]) == len(key["generator_unet"]) == 16 and key["max_steps"] == 60
+    assert wa.cache_key(argparse.Namespace(**{**vars(args), "max_steps": 120})) != key
