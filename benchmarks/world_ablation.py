@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
@@ -48,6 +47,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 sys.path.insert(0, HERE)
 
 from learning_curves import MODES as LEARNING_CURVE_MODES  # noqa: E402
+from pisces_fast.fileio import atomic_write_text  # noqa: E402
 
 # Each row: overrides of the main job's configuration (pisces_fast.world.WORLD_DEFAULTS).
 ROWS: Dict[str, Optional[dict]] = {
@@ -91,21 +91,14 @@ def row_config(name: str, seed: int, args, out_dir: str):
 
 
 def cache_key(args) -> dict:
-    """What every result cached under ``--out`` depends on: the models' weights and the arguments that shape a run
-    or the analyses (not which rows or seeds are asked for)."""
+    """What every result cached under ``--out`` depends on: the models (every file of the VLM and the generator)
+    and the arguments that shape a run or the analyses (not which rows or seeds are asked for)."""
     from pisces_fast.world.assets import world_generator_path, world_vlm_path
+    from pisces_fast.world.job import directory_digest
 
-    def digest(path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()[:16]
-
-    generator = world_generator_path()
     return {
-        "vlm": digest(world_vlm_path(args.vlm) / "model.safetensors"),
-        "generator_unet": digest(next((generator / "unet").glob("*.safetensors"))),
+        "vlm": directory_digest(str(world_vlm_path(args.vlm))),
+        "generator": directory_digest(str(world_generator_path())),
         **{k: getattr(args, k) for k in ("max_steps", "grpo_steps", "eval_prompts", "sampler", "table5_clips",
                                          "table5_steps", "table8_clips")},
     }
@@ -125,10 +118,12 @@ def drop_stale_caches(out: str, key: dict) -> bool:
         stale = [os.path.join(out, n) for n in os.listdir(out) if n == "runs" or n.startswith("ot_map_seed")
                  or n == "analyses.txt"]
         for item in stale:
-            shutil.rmtree(item) if os.path.isdir(item) else os.remove(item)
+            if os.path.isdir(item):
+                shutil.rmtree(item)
+            else:
+                os.remove(item)
         dropped = bool(stale)
-        with open(path, "w") as fh:
-            json.dump(key, fh, indent=1)
+        atomic_write_text(path, json.dumps(key, indent=1))
     return dropped
 
 

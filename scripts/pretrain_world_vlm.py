@@ -382,41 +382,34 @@ def caption_fact_targets(captions: list) -> dict:
     return out
 
 
-def matching_relation_targets(video_captions: list, texts: list) -> torch.Tensor:
-    """For each (clip, caption) pair -- the clip described by ``video_captions[i]``, the caption ``texts[i]`` --
-    the relation, in the clip, of the caption's first relation's subject (by colour) to its reference: an index
-    into ``shapes.RELATIONS``, or -100 where the caption states no relation between coloured objects or the clip
-    does not relate those two colours."""
-    n_colors = len(S.COLORS)
-    shown = caption_fact_targets(video_captions)["relation"]
-    out = torch.full((len(texts),), -100, dtype=torch.long)
-    for i, text in enumerate(texts):
-        pair = _stated_pair(text)
-        if pair is not None:
-            out[i] = shown[i, pair[0] * n_colors + pair[1]]
-    return out
-
-
-def _stated_pair(caption: str):
-    """(subject colour, reference colour) indices of the caption's first relation, or None."""
+def _stated_relation(caption: str):
+    """(subject colour, reference colour, relation) indices of the caption's first relation, or None where it
+    states none between coloured objects."""
     spec = S.parse_prompt(caption)
     if not spec.relations:
         return None
     rel = spec.relations[0]
     a, b = spec.objects[rel.subject].color, spec.objects[rel.reference].color
-    return None if a is None or b is None else (_COLOR_INDEX[a], _COLOR_INDEX[b])
+    if a is None or b is None:
+        return None
+    return _COLOR_INDEX[a], _COLOR_INDEX[b], S.RELATIONS.index(rel.relation)
 
 
 def matching_fact_targets(video_captions: list, texts: list, text_ids: torch.Tensor, color_ids: torch.Tensor) -> dict:
-    """What each (clip, caption) pair's clip shows about the objects the caption names, per caption token.
+    """What each (clip, caption) pair's clip shows about the objects the caption names -- the clip described by
+    ``video_captions[i]``, the caption ``texts[i]`` with token ids ``text_ids[i]`` (``color_ids[c]``: the token id of
+    colour ``c``).
 
-    ``text_ids`` ``(P, N)`` are the captions' token ids, ``color_ids[c]`` the token id of colour ``c``. Returns
-    ``motion`` / ``shape`` / ``size`` ``(P, N)``: at each token naming a colour the clip shows, that object's
-    attribute in the clip (-100 elsewhere or where the clip's caption does not state it), and ``relation`` ``(P,)``
-    with ``subject_pos`` / ``reference_pos`` ``(P,)``: the clip's relation of the caption's subject to its reference
-    (``matching_relation_targets``) and the positions of their colour words (-100 / 0 where none), and
-    ``agreement`` ``(P,)``: 1 where that relation is the one the caption states, 0 where not, -100 where none."""
-    shown = caption_fact_targets(video_captions)
+    Returns ``motion`` / ``shape`` / ``size`` ``(P, N)``: at each token naming a colour, that object's attribute in
+    the clip (-100 elsewhere, or where the clip's caption does not state it); ``relation`` ``(P,)``: the clip's
+    relation of the caption's subject (by colour) to its reference (-100 where the caption states no relation
+    between coloured objects or the clip does not relate those two colours), with ``subject_pos`` /
+    ``reference_pos`` ``(P,)`` the positions of their colour words (0 where none); and ``agreement`` ``(P,)``: 1
+    where that relation is the one the caption states, 0 where not, -100 where none. Each distinct caption is
+    parsed once (a batch pairs each with several clips)."""
+    clip_rows = {c: k for k, c in enumerate(dict.fromkeys(video_captions))}
+    shown = caption_fact_targets(list(clip_rows))
+    clip_of_pair = torch.tensor([clip_rows[c] for c in video_captions], dtype=torch.long)
     lut = torch.full((int(max(int(text_ids.max()), int(color_ids.max()))) + 1,), -1, dtype=torch.long)
     lut[color_ids] = torch.arange(len(color_ids))
     color_of_token = lut[text_ids]  # (P, N): the colour a token names, -1 if none
@@ -424,33 +417,25 @@ def matching_fact_targets(video_captions: list, texts: list, text_ids: torch.Ten
     out = {}
     for name, _, _ in _FACT_GROUPS:
         if name != "relation":
-            out[name] = torch.where(named, shown[name].gather(1, color_of_token.clamp(min=0)), -100)
-    out["relation"] = matching_relation_targets(video_captions, texts)
-    out["agreement"] = torch.full((len(texts),), -100, dtype=torch.long)
-    out["subject_pos"] = torch.zeros(len(texts), dtype=torch.long)
-    out["reference_pos"] = torch.zeros(len(texts), dtype=torch.long)
+            out[name] = torch.where(named, shown[name][clip_of_pair].gather(1, color_of_token.clamp(min=0)), -100)
+    n = len(texts)
+    out["relation"] = torch.full((n,), -100, dtype=torch.long)
+    out["agreement"] = torch.full((n,), -100, dtype=torch.long)
+    out["subject_pos"] = torch.zeros(n, dtype=torch.long)
+    out["reference_pos"] = torch.zeros(n, dtype=torch.long)
+    stated_of = {t: _stated_relation(t) for t in dict.fromkeys(texts)}
     for i, text in enumerate(texts):
-        pair = _stated_pair(text) if out["relation"][i] >= 0 else None
-        if pair is None:
+        stated = stated_of[text]
+        if stated is None:
             continue
-        where = [(color_of_token[i] == c).nonzero() for c in pair]
-        if any(len(w) == 0 for w in where):  # a colour word the tokenizer did not keep (truncated)
-            out["relation"][i] = -100
+        a, b, relation = stated
+        truth = int(shown["relation"][clip_of_pair[i], a * len(S.COLORS) + b])
+        where = [(color_of_token[i] == c).nonzero() for c in (a, b)]
+        if truth < 0 or any(len(w) == 0 for w in where):  # unrelated in the clip, or a colour word truncated away
             continue
+        out["relation"][i], out["agreement"][i] = truth, int(truth == relation)
         out["subject_pos"][i], out["reference_pos"][i] = int(where[0][0]), int(where[1][0])
-        stated = S.RELATIONS.index(S.parse_prompt(text).relations[0].relation)
-        out["agreement"][i] = int(int(out["relation"][i]) == stated)
     return out
-
-
-def fused_states(model: InternVideo2, hidden, mask, video_tokens, frame_idx, coords, readouts=()):
-    """``model.fuse`` (unpadded video), also returning the text states after the first ``k`` fusion layers for each
-    ``k`` in ``readouts``: ``(output, [states])``."""
-    x, kept = hidden, {}
-    for k, layer in enumerate(model.text_encoder.encoder.layer[model.config.fusion_start:]):
-        x = layer(x, mask, video_tokens, video_mask=None, frame_idx=frame_idx, coords=coords)
-        kept[k + 1] = x
-    return x, [kept[k] for k in readouts]
 
 
 def matching_readout_layers(fusion_layers: int) -> tuple:
@@ -609,8 +594,8 @@ def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.
     cf_vid = torch.tensor([cf_row[i] for i in used_cf], dtype=torch.long)
     text_idx = torch.cat([ar, cf_pos, ar, text_neg_idx])
     video_idx = torch.cat([ar, cf_vid, torch.tensor(video_neg), ar])
-    fused, (mid, late) = fused_states(model, hidden[text_idx], mask[text_idx], tokens[video_idx], frame_idx, coords,
-                                      matching_readout_layers(model.config.fusion_layers))
+    fused, states = model.fuse(hidden[text_idx], mask[text_idx], tokens[video_idx], None, frame_idx, coords,
+                               output_hidden_states=True)
     logits = model.itm_head(fused[:, 0])  # = model.vtm_logits, keeping inner states for the matching read-outs
     n_pos = b + len(used_cf)
     labels = torch.zeros(len(text_idx), dtype=torch.long)
@@ -630,6 +615,7 @@ def losses(model: InternVideo2, tokenizer, videos, captions, negatives, rng: np.
         color_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(S.COLORS)))
         targets = matching_fact_targets([video_caps[int(v)] for v in video_idx], [texts[int(t)] for t in text_idx],
                                         enc["input_ids"][text_idx], color_ids)
+        mid, late = (states[k - 1] for k in matching_readout_layers(model.config.fusion_layers))
         matching = matching_facts(fact_heads, mid, late, targets)
     return {
         "loss": (vtc_weight * loss_vtc + loss_vtm + (fact_weight * facts["loss"] if facts else 0.0)

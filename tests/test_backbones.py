@@ -241,6 +241,20 @@ def test_internvideo2_save_load_roundtrip(tokenizer, tmp_path):
         InternVideo2.from_pretrained(tmp_path / "missing")
 
 
+@torch.no_grad()
+def test_internvideo2_fuse_can_return_each_fusion_layers_states(tokenizer):
+    m = make_iv2(tokenizer).model
+    enc = tokenizer(PROMPTS, padding="longest", return_tensors="pt")
+    text, mask = m.encode_text(enc["input_ids"], enc["attention_mask"])
+    pixels = torch.rand(len(PROMPTS), m.config.num_frames, 3, m.config.image_size, m.config.image_size)
+    tokens, _, token_mask, grid = m.encode_vision(pixels)
+    frame_idx, coords = m.video_positions(grid, tokens.device)
+    plain = m.fuse(text, mask, tokens, token_mask, frame_idx, coords)
+    out, states = m.fuse(text, mask, tokens, token_mask, frame_idx, coords, output_hidden_states=True)
+    assert torch.equal(out, plain) and len(states) == m.config.fusion_layers and torch.equal(states[-1], out)
+    assert not torch.equal(states[0], states[-1])
+
+
 def _official_layout(model: InternVideo2) -> dict:
     """Our state dict renamed to the official stage-2 layout, plus training-only extras."""
     state = {}

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pisces_fast.data import shapes as S
+from pisces_fast.rewards.tokenizer import build_word_tokenizer
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "pretrain_world_vlm.py")
 
@@ -22,6 +23,13 @@ def script():
 
 def _slot(color: str) -> int:
     return S.COLORS.index(color)
+
+
+def _word_tokens(texts):
+    """The captions' token ids (padded) and the colours' token ids, as the script's training batches have them."""
+    tok = build_word_tokenizer(S.VOCAB, max_length=32)
+    return (tok(texts, padding="longest", return_tensors="pt")["input_ids"],
+            torch.tensor(tok.convert_tokens_to_ids(list(S.COLORS))), tok)
 
 
 def test_caption_fact_targets_state_what_the_caption_says(script):
@@ -49,19 +57,16 @@ def test_matching_relation_targets_are_what_the_clip_shows_for_the_captions_pair
              "a large blue square to the left of a small red circle",  # the pair seen from blue
              "a red circle moving up and a blue square moving up",  # no relation stated
              "a green cross above a white diamond"]  # colours the clip does not relate
-    t = script.matching_relation_targets([clip] * len(texts), texts)
+    ids, color_ids, _ = _word_tokens(texts)
+    t = script.matching_fact_targets([clip] * len(texts), texts, ids, color_ids)["relation"]
     left, right = S.RELATIONS.index("left of"), S.RELATIONS.index("right of")
     assert t.tolist() == [left, left, right, -100, -100]
 
 
 def test_matching_fact_targets_read_the_clip_at_the_captions_colour_words(script):
-    from pisces_fast.rewards.tokenizer import build_word_tokenizer
-
-    tok = build_word_tokenizer(S.VOCAB, max_length=32)
     clip = "a small red circle to the left of a large blue square, both moving up"
     text = "a large red square to the right of a small blue circle, both moving down"  # every fact wrong
-    ids = tok([text, clip], padding="longest", return_tensors="pt")["input_ids"]
-    color_ids = torch.tensor(tok.convert_tokens_to_ids(list(S.COLORS)))
+    ids, color_ids, tok = _word_tokens([text, clip])
     t = script.matching_fact_targets([clip, clip], [text, clip], ids, color_ids)
     words = tok.convert_ids_to_tokens(ids[0].tolist())
     red, blue = words.index("red"), words.index("blue")

@@ -110,5 +110,5 @@ def test_ablation_cache_key_names_the_models_and_run_arguments():
     args = argparse.Namespace(vlm=None, max_steps=60, grpo_steps=12, eval_prompts=8, sampler="consistency:4:3",
                               table5_clips=2048, table5_steps=300, table8_clips=512)
     key = wa.cache_key(args)
-    assert len(key["vlm"]) == len(key["generator_unet"]) == 16 and key["max_steps"] == 60
+    assert len(key["vlm"]) == len(key["generator"]) == 16 and key["max_steps"] == 60
     assert wa.cache_key(argparse.Namespace(**{**vars(args), "max_steps": 120})) != key

@@ -180,8 +180,9 @@ def best_row(grid: dict, by: str = "total") -> str:
     return max(grid, key=lambda label: grid[label]["mean"][by])
 
 
-def _file_digest(directory: str) -> str:
-    """A digest of every file under ``directory`` (the teacher's weights and configs), for the grid cache."""
+def directory_digest(directory: str) -> str:
+    """A digest of every file under ``directory`` (a model's weights and configs), for caches keyed by a model
+    (the teacher grid here, the ablation's runs)."""
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(directory)):
         for name in sorted(files):
@@ -267,7 +268,7 @@ def teacher_grid(cfg: WorldTrainConfig, prompts: list, progress: bool, keep: dic
     if os.path.isfile(cache_path):
         with open(cache_path) as fh:
             cache = json.load(fh)
-    digest = _file_digest(cfg.resolve_path(cfg.model.path)) if cfg.model.path else f"tiny-{cfg.model.tiny}-{cfg.seed}"
+    digest = directory_digest(cfg.resolve_path(cfg.model.path)) if cfg.model.path else f"tiny-{cfg.model.tiny}-{cfg.seed}"
     key = hashlib.sha256(json.dumps([digest, prompts, list(w.eval_seeds)]).encode()).hexdigest()[:16]
     torch.manual_seed(cfg.seed)  # a tiny model (tests) is built from the global RNG
     teacher = generator_from_config(cfg.model)

@@ -485,11 +485,14 @@ class BertTextEncoder(nn.Module):
             x = layer(x, text_mask)
         return x
 
-    def forward_fusion(self, x, text_mask, video, *, video_mask, frame_idx, coords) -> torch.Tensor:
-        """The fusion layers (``mode="fusion"``): self-attention, cross-attention to video, FFN."""
+    def forward_fusion(self, x, text_mask, video, *, video_mask, frame_idx, coords, output_hidden_states: bool = False):
+        """The fusion layers (``mode="fusion"``): self-attention, cross-attention to video, FFN. With
+        ``output_hidden_states``: ``(output, [the text states after each fusion layer])``."""
+        states = []
         for layer in self.encoder.layer[self.fusion_start :]:
             x = layer(x, text_mask, video, video_mask=video_mask, frame_idx=frame_idx, coords=coords)
-        return x
+            states.append(x)
+        return (x, states) if output_hidden_states else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,12 +574,14 @@ class InternVideo2(nn.Module):
             self._positions[key] = video_token_positions(*grid, prefix_tokens=1, device=device)
         return self._positions[key]
 
-    def fuse(self, text_hidden, text_mask, video_tokens, video_mask, frame_idx, coords) -> torch.Tensor:
-        """The fusion layers over (text, video) pairs → ``(B, N, Ct)``."""
+    def fuse(self, text_hidden, text_mask, video_tokens, video_mask, frame_idx, coords, output_hidden_states=False):
+        """The fusion layers over (text, video) pairs → ``(B, N, Ct)``; with ``output_hidden_states`` also the
+        states after each fusion layer (``forward_fusion``)."""
         if video_mask is not None and bool(video_mask.all()):
             video_mask = None  # no padding: let attention take its fast path
         return self.text_encoder.forward_fusion(
-            text_hidden, text_mask, video_tokens, video_mask=video_mask, frame_idx=frame_idx, coords=coords
+            text_hidden, text_mask, video_tokens, video_mask=video_mask, frame_idx=frame_idx, coords=coords,
+            output_hidden_states=output_hidden_states,
         )
 
     def vtm_logits(self, text_hidden, text_mask, video_tokens, video_mask, frame_idx, coords) -> torch.Tensor:
