@@ -28,6 +28,9 @@ GIF grids and a PNG contact sheet.
 (``STAGE0``: the first of the world VLM's runs, ``scripts/pretrain_world_vlm.py --out STAGE0``, whose text tower
 the shipped generator conditions on.)
 
+``--init_from DIR`` continues a saved generator (the shipped one's second stage:
+``--init_from STAGE1 --pool_size 12288 --steps N``; ``training_summary.json`` lists every stage's command).
+
 Resumable: ``--resume`` reuses a finished VAE stage and continues UNet training from
 ``<report_dir>/checkpoint`` (written atomically every ``--save_every`` steps); every random choice is a
 function of ``(--seed, step)``.
@@ -85,6 +88,11 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init_from", default=None,
+                   help="continue pretraining a saved generator directory (e.g. the shipped one): its VAE, text encoder "
+                        "and tokenizer are reused as they are (no VAE stage, no --vlm conversion), its UNet weights "
+                        "start both the trained UNet and its EMA; --steps more steps with a fresh optimizer (warm-up, "
+                        "cosine). --vlm still scores the final evaluation")
     p.add_argument("--vae_only", action="store_true", help="stop after the VAE stage (a later --resume reuses it)")
     p.add_argument("--no_progress", action="store_true")
     return p.parse_args(argv)
@@ -159,6 +167,27 @@ def build_unet(channels, cross_attention_dim: int):
         block_out_channels=tuple(channels), layers_per_block=1, norm_num_groups=8,
         cross_attention_dim=cross_attention_dim, attention_head_dim=4,
     )
+
+
+def load_saved_generator(path: str):
+    """(text tower, tokenizer, UNet in float32, its training summary or None) of a generator directory this script
+    saved, to continue training it (``--init_from``)."""
+    from diffusers import UNet3DConditionModel
+    from transformers import AutoTokenizer, BertModel
+
+    for sub in ("unet", "vae", "text_encoder", "tokenizer"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise FileNotFoundError(f"--init_from {path}: expected a generator saved by this script, {sub}/ is missing")
+    bert = BertModel.from_pretrained(os.path.join(path, "text_encoder")).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    tokenizer.model_max_length = TEXT_MAX_LENGTH
+    unet = UNet3DConditionModel.from_pretrained(os.path.join(path, "unet")).float()
+    summary_path = os.path.join(path, "training_summary.json")
+    previous = None
+    if os.path.isfile(summary_path):
+        with open(summary_path) as fh:
+            previous = json.load(fh)
+    return bert, tokenizer, unet, previous
 
 
 def build_scheduler():
@@ -473,9 +502,12 @@ def main(argv=None):
     # ---- stage 1: VAE (skipped on --resume when it is already done)
     from diffusers import AutoencoderKL
 
-    vae_dir = os.path.join(args.report_dir, "vae")
+    vae_dir = os.path.join(args.init_from, "vae") if args.init_from else os.path.join(args.report_dir, "vae")
     vae_history: list = []
-    if args.resume and os.path.isfile(os.path.join(vae_dir, "config.json")):
+    if args.init_from:
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+        print(f"continuing {args.init_from}: its VAE, text encoder and UNet", flush=True)
+    elif args.resume and os.path.isfile(os.path.join(vae_dir, "config.json")):
         vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
         print(f"reusing the VAE in {vae_dir}", flush=True)
     else:
@@ -503,11 +535,15 @@ def main(argv=None):
         return
 
     # ---- stage 2: UNet
-    bert, tokenizer = text_tower_from_vlm(args.vlm)
+    previous = None
+    if args.init_from:
+        bert, tokenizer, unet, previous = load_saved_generator(args.init_from)
+    else:
+        bert, tokenizer = text_tower_from_vlm(args.vlm)
+        torch.manual_seed(args.seed)
+        unet = build_unet(channels, bert.config.hidden_size)
     text_encoder = TransformersTextEncoder(bert, tokenizer, TEXT_MAX_LENGTH)
-    torch.manual_seed(args.seed)
-    unet = build_unet(channels, bert.config.hidden_size)
-    ema = build_unet(channels, bert.config.hidden_size)
+    ema = build_unet([int(c) for c in unet.config.block_out_channels], bert.config.hidden_size)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False).eval()
     gen = VideoGenerator("unet3d", unet, build_scheduler(), codec, text_encoder, NUM_FRAMES, SIZE, SIZE)
@@ -556,6 +592,9 @@ def main(argv=None):
 
     # ---- save (EMA weights) in diffusers layout
     gen.denoiser = ema
+    if args.init_from and os.path.realpath(args.out) == os.path.realpath(args.init_from):
+        # the VAE and the text tower are saved again from memory below, so replacing their source is safe
+        print(f"replacing {args.init_from}", flush=True)
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
     # float16 storage keeps the shipped world under its 20 MB budget (loaded back as float32); the
@@ -574,8 +613,13 @@ def main(argv=None):
     metrics = evaluate(gen, ema, args, args.report_dir, progress)
     timings["eval_seconds"] = round(time.time() - t0, 1)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
+    command = " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
+    stages = list((previous or {}).get("stages") or ([previous["command"]] if previous else [])) + [command]
     summary = {
-        "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command,
+        "stages": stages,
+        "total_unet_steps": int((previous or {}).get("total_unet_steps", (previous or {}).get("args", {}).get("steps", 0)))
+        + args.steps,
         "unet_parameters": n_params,
         "vae_parameters": sum(p.numel() for p in vae.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in bert.parameters()),
