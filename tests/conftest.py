@@ -48,6 +48,23 @@ def repo_root() -> str:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def load_repo_module():
+    """`load_repo_module("scripts/pretrain_world_vlm.py")`: a script or benchmark of the repository (not a package)
+    imported as a module, without running its main()."""
+    import importlib.util
+
+    def load(relative_path: str):
+        path = os.path.join(ROOT, relative_path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture
 def run_train():
     """`run_train(args, env_extra=None, timeout=300)`: `python train.py ARGS` from the repository root, one thread

@@ -1,6 +1,4 @@
 """Alignment metrics on hand-checkable cases, the Table-5 baseline maps, and the table script."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from pisces_fast.eval.alignment import (
     vtm_accuracy,
 )
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "alignment_table.py"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
@@ -117,15 +114,12 @@ def test_baseline_maps_learn_their_objective(method):
     assert after < 0.5 * before, (before, after)
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("alignment_table", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bench(load_repo_module):
+    return load_repo_module("benchmarks/alignment_table.py")
 
 
-def test_tables_print_on_synthetic_data():
-    bench = _load_benchmark()
+def test_tables_print_on_synthetic_data(bench):
     text, video = synthetic_paired_embeddings(120, 8, latent_dim=4, seed=0)
     t5 = bench.table5(text, video, steps=20, ot_steps=10, hidden=16, k=5, progress=False)
     for label in ("No map", "Contrastive mapping", "Mapping w/ L2", "Mapping w/ KL", "OT (PISCES)", "Mutual KNN", "Spearman"):
@@ -138,10 +132,9 @@ def test_tables_print_on_synthetic_data():
     assert len(t8.splitlines()) == 3 + 8  # title, header, rule, 8 variants
 
 
-def test_benchmark_cli_reads_embedding_files(tmp_path, capsys):
+def test_benchmark_cli_reads_embedding_files(bench, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    bench = _load_benchmark()
     text, video = synthetic_paired_embeddings(60, 6, latent_dim=3, seed=1)
     save_file({"text": text}, str(tmp_path / "t.safetensors"))
     save_file({"video": video}, str(tmp_path / "v.safetensors"))
@@ -153,12 +146,11 @@ def test_benchmark_cli_reads_embedding_files(tmp_path, capsys):
         bench.main(["--text", str(tmp_path / "missing.pt"), "--video", str(tmp_path / "v.safetensors"), "--skip-table8"])
 
 
-def test_vtm_probabilities_with_explicit_negatives():
+def test_vtm_probabilities_with_explicit_negatives(bench):
     """Hard negatives: the mismatched pair of video i is (video i, negatives[i]); a negative list equal to
     another clip's prompts reproduces that clip's matched probability, and bad lists are refused."""
     from pisces_fast.rewards import vtm_probabilities
 
-    bench = _load_benchmark()
     backbone, videos, prompts = bench.tiny_world(n=4)
     variants = {"vanilla": None}
     rolled = prompts[1:] + prompts[:1]

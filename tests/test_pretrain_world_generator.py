@@ -1,7 +1,6 @@
 """scripts/pretrain_world_generator.py --init_from: a saved generator is continued, not rebuilt -- the VAE and the
 text tower come back unchanged, the UNet starts from the saved weights and moves, and the summary records every
 stage."""
-import importlib.util
 import json
 import os
 
@@ -11,15 +10,10 @@ from safetensors.torch import load_file
 
 from pisces_fast.world.assets import world_generator_path
 
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "pretrain_world_generator.py")
-
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("pretrain_world_generator", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_repo_module):
+    return load_repo_module("scripts/pretrain_world_generator.py")
 
 
 def _tensors(directory):

@@ -1,6 +1,5 @@
 """scripts/pretrain_world_vlm.py: the caption-facts objective reads the caption right, and a killed run resumes
 to the same weights as an uninterrupted one (with the fact read-outs in the checkpoint)."""
-import importlib.util
 import os
 
 import pytest
@@ -10,15 +9,10 @@ from safetensors.torch import load_file
 from pisces_fast.data import shapes as S
 from pisces_fast.rewards.tokenizer import build_word_tokenizer
 
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "pretrain_world_vlm.py")
-
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("pretrain_world_vlm", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_repo_module):
+    return load_repo_module("scripts/pretrain_world_vlm.py")
 
 
 def _slot(color: str) -> int:
