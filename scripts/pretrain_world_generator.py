@@ -29,7 +29,7 @@ GIF grids and a PNG contact sheet.
 the shipped generator conditions on.)
 
 ``--init_from DIR`` continues a saved generator (the shipped one's second stage:
-``--init_from STAGE1 --pool_size 12288 --steps N``; ``training_summary.json`` lists every stage's command).
+``--init_from STAGE1 --pool_size 12288 --steps 3000 --lr 3e-4 --warmup 50 --save_every 200``; ``training_summary.json`` lists every stage's command).
 
 Resumable: ``--resume`` reuses a finished VAE stage and continues UNet training from
 ``<report_dir>/checkpoint`` (written atomically every ``--save_every`` steps); every random choice is a
