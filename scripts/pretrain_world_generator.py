@@ -170,24 +170,22 @@ def build_unet(channels, cross_attention_dim: int):
 
 
 def load_saved_generator(path: str):
-    """(text tower, tokenizer, UNet in float32, its training summary or None) of a generator directory this script
-    saved, to continue training it (``--init_from``)."""
-    from diffusers import UNet3DConditionModel
-    from transformers import AutoTokenizer, BertModel
+    """(frozen VAE, frozen text tower, tokenizer, UNet in float32, its training summary or None) of a generator
+    directory this script saved, loaded as the main job loads it, to continue training it (``--init_from``)."""
+    from pisces_fast.world.assets import load_world_generator
 
     for sub in ("unet", "vae", "text_encoder", "tokenizer"):
         if not os.path.isdir(os.path.join(path, sub)):
             raise FileNotFoundError(f"--init_from {path}: expected a generator saved by this script, {sub}/ is missing")
-    bert = BertModel.from_pretrained(os.path.join(path, "text_encoder")).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    gen = load_world_generator(path)
+    tokenizer = gen.text_encoder.tokenizer
     tokenizer.model_max_length = TEXT_MAX_LENGTH
-    unet = UNet3DConditionModel.from_pretrained(os.path.join(path, "unet")).float()
     summary_path = os.path.join(path, "training_summary.json")
     previous = None
     if os.path.isfile(summary_path):
         with open(summary_path) as fh:
             previous = json.load(fh)
-    return bert, tokenizer, unet, previous
+    return gen.codec.vae, gen.text_encoder.model, tokenizer, gen.denoiser, previous
 
 
 def build_scheduler():
@@ -502,10 +500,11 @@ def main(argv=None):
     # ---- stage 1: VAE (skipped on --resume when it is already done)
     from diffusers import AutoencoderKL
 
-    vae_dir = os.path.join(args.init_from, "vae") if args.init_from else os.path.join(args.report_dir, "vae")
+    vae_dir = os.path.join(args.report_dir, "vae")
     vae_history: list = []
+    previous = None  # the continued generator's training summary (--init_from)
     if args.init_from:
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+        vae, bert, tokenizer, unet, previous = load_saved_generator(args.init_from)
         print(f"continuing {args.init_from}: its VAE, text encoder and UNet", flush=True)
     elif args.resume and os.path.isfile(os.path.join(vae_dir, "config.json")):
         vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
@@ -535,10 +534,7 @@ def main(argv=None):
         return
 
     # ---- stage 2: UNet
-    previous = None
-    if args.init_from:
-        bert, tokenizer, unet, previous = load_saved_generator(args.init_from)
-    else:
+    if not args.init_from:
         bert, tokenizer = text_tower_from_vlm(args.vlm)
         torch.manual_seed(args.seed)
         unet = build_unet(channels, bert.config.hidden_size)
@@ -592,9 +588,6 @@ def main(argv=None):
 
     # ---- save (EMA weights) in diffusers layout
     gen.denoiser = ema
-    if args.init_from and os.path.realpath(args.out) == os.path.realpath(args.init_from):
-        # the VAE and the text tower are saved again from memory below, so replacing their source is safe
-        print(f"replacing {args.init_from}", flush=True)
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
     # float16 storage keeps the shipped world under its 20 MB budget (loaded back as float32); the
@@ -614,12 +607,13 @@ def main(argv=None):
     timings["eval_seconds"] = round(time.time() - t0, 1)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
     command = " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
-    stages = list((previous or {}).get("stages") or ([previous["command"]] if previous else [])) + [command]
+    previous = previous or {}
+    stages = previous.get("stages", [previous["command"]] if previous else []) + [command]
+    steps_before = previous.get("total_unet_steps", previous.get("args", {}).get("steps", 0))
     summary = {
         "command": command,
         "stages": stages,
-        "total_unet_steps": int((previous or {}).get("total_unet_steps", (previous or {}).get("args", {}).get("steps", 0)))
-        + args.steps,
+        "total_unet_steps": int(steps_before) + args.steps,
         "unet_parameters": n_params,
         "vae_parameters": sum(p.numel() for p in vae.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in bert.parameters()),

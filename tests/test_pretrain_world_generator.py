@@ -23,7 +23,7 @@ def _tensors(directory):
 
 def test_load_saved_generator_returns_the_shipped_weights_in_float32(script):
     shipped = str(world_generator_path())
-    bert, tokenizer, unet, previous = script.load_saved_generator(shipped)
+    _vae, _bert, tokenizer, unet, previous = script.load_saved_generator(shipped)
     saved = _tensors(os.path.join(shipped, "unet"))
     state = unet.state_dict()
     assert all(v.dtype == torch.float32 for v in state.values())
