@@ -48,6 +48,7 @@ sys.path.insert(0, HERE)
 
 from learning_curves import MODES as LEARNING_CURVE_MODES  # noqa: E402
 from pisces_fast.fileio import atomic_write_text  # noqa: E402
+from pisces_fast.world.config import parse_grid_row  # noqa: E402
 
 # Each row: overrides of the main job's configuration (pisces_fast.world.WORLD_DEFAULTS).
 ROWS: Dict[str, Optional[dict]] = {
@@ -75,7 +76,7 @@ def row_config(name: str, seed: int, args, out_dir: str):
     from pisces_fast.training.config import _merge, load_config
     from pisces_fast.world import WORLD_DEFAULTS, WorldTrainConfig
 
-    row = sampler_row(args.sampler)
+    row = parse_grid_row(args.sampler)
     overrides = {
         "output_dir": out_dir, "seed": seed, "max_steps": args.max_steps, "checkpoint_every": 0,
         "export_lora": False,
@@ -125,15 +126,6 @@ def drop_stale_caches(out: str, key: dict) -> bool:
         dropped = bool(stale)
         atomic_write_text(path, json.dumps(key, indent=1))
     return dropped
-
-
-def sampler_row(text: str) -> dict:
-    """"consistency:4:3" -> {"sampler": "consistency", "steps": 4, "guidance": 3.0}."""
-    try:
-        sampler, steps, guidance = text.split(":")
-        return {"sampler": sampler, "steps": int(steps), "guidance": float(guidance)}
-    except ValueError:
-        raise SystemExit(f"--sampler: expected SAMPLER:STEPS:GUIDANCE (e.g. consistency:4:3), got {text!r}") from None
 
 
 def run_row(name: str, seed: int, args) -> dict:
@@ -285,6 +277,10 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="rerun rows whose report already exists, and the analyses")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
+    try:
+        parse_grid_row(args.sampler)
+    except ValueError as err:
+        p.error(str(err))
     if args.quick:
         args.seeds, args.max_steps, args.grpo_steps, args.eval_prompts = args.seeds[:2], 4, 2, 2
         args.table5_clips, args.table5_steps, args.table8_clips = 256, 50, 64

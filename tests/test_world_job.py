@@ -93,6 +93,18 @@ def test_bad_world_config_is_named(tmp_path):
         world_config_from_argv(["--world.student_row", "{sampler: consistency, steps: 3, guidance: 3}"] + base)
 
 
+def test_grid_rows_parse_from_the_command_line():
+    from pisces_fast.world.config import parse_grid_row
+
+    assert parse_grid_row("consistency:4:3") == {"sampler": "consistency", "steps": 4, "guidance": 3.0}
+    assert parse_grid_row("ddim:20:1") == {"sampler": "ddim", "steps": 20, "guidance": 1.0}
+    for text, match in (("consistency:4", "SAMPLER:STEPS:GUIDANCE"), ("consistency:4:3:1", "SAMPLER:STEPS:GUIDANCE"),
+                        ("consistency:four:3", "SAMPLER:STEPS:GUIDANCE"), ("euler:4:3", r"--row.sampler"),
+                        ("ddim:0:3", r"--row.steps"), ("ddim:4:0.5", r"--row.guidance")):
+        with pytest.raises(ValueError, match=match):
+            parse_grid_row(text, "--row")
+
+
 def test_training_config_knows_nothing_of_the_world(tmp_path):
     """C8: the library's TrainConfig has no world section; only the world's config does."""
     from pisces_fast.training.config import TrainConfig, config_from_argv

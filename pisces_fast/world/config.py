@@ -92,6 +92,19 @@ def check_grid_row(row, name: str) -> tuple:
     return row["sampler"], int(row["steps"]), float(row["guidance"])
 
 
+def parse_grid_row(text: str, name: str = "--sampler") -> dict:
+    """"consistency:4:3" -> {"sampler": "consistency", "steps": 4, "guidance": 3.0} (checked as a grid row)."""
+    parts = text.split(":") if isinstance(text, str) else []
+    try:
+        row = {"sampler": parts[0], "steps": int(parts[1]), "guidance": float(parts[2])}
+    except (IndexError, ValueError):
+        row = None
+    if row is None or len(parts) != 3:  # "a:4:3:1" would otherwise pass as a:4:3
+        raise ValueError(f"{name}: expected SAMPLER:STEPS:GUIDANCE (e.g. consistency:4:3), got {text!r}")
+    check_grid_row(row, name)
+    return row
+
+
 def row_key(row: dict) -> tuple:
     """(sampler, steps, guidance) of a grid row, normalised (guidance as float)."""
     return row["sampler"], int(row["steps"]), float(row["guidance"])

@@ -1,0 +1,227 @@
+"""Does following a reward's gradient raise the analyzer's scores? Reward ascent on a model's own samples.
+
+Reward validity (``reward_validity.py``) asks whether a reward *ranks* clips the way the ground truth does. Direct
+reward backprop (Eq. 5) uses something else: the reward's *gradient* at the model's samples. This probe measures that
+direction without any training noise. It samples a model on the main job's held-out prompts, initial latents and
+re-noising noise (``pisces_fast.world.job.sample_row``'s), then runs gradient ascent with Adam on each clip's final
+latents, through the VAE decoder, on one reward at a time, and scores the decoded clips with the world's analyzer
+every ``--every`` steps. A reward whose gradient points at what the analyzer calls better raises its scores along the
+way; a reward whose gradient is dominated by directions the analyzer calls worse (flicker, texture, noise) lowers
+them while the reward itself climbs. Nothing but the latents moves: no model weight, no sampler.
+
+    python benchmarks/reward_gradient_probe.py --run outputs/world      # the main job's student (its LoRA, OT map)
+    python benchmarks/reward_gradient_probe.py                          # the shipped teacher at its best row
+    python benchmarks/reward_gradient_probe.py --quick                  # CI: 2 prompts, 1 seed, 4 ascent steps
+
+Rewards (the main job's world VLM): ``quality`` (OT-mapped cosine, Eq. 2), ``quality_plain`` (plain cosine),
+``semantic`` (POT-fused VTM, m = 0.9, Eq. 4), ``semantic_vanilla`` (vanilla cross-attention).
+Writes ``<out>/reward_gradient_probe.json`` (every number), ``.md`` (the table) and ``.png`` (the curves).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
+
+# name -> (PiscesRewards options, which output is ascended)
+REWARDS = {
+    "quality": ({"use_ot_map": True, "use_pot": True}, "quality"),
+    "quality_plain": ({"use_ot_map": False, "use_pot": True}, "quality"),
+    "semantic": ({"use_ot_map": False, "use_pot": True}, "semantic"),
+    "semantic_vanilla": ({"use_ot_map": False, "use_pot": False}, "semantic"),
+}
+SHOWN = ("total", "quality", "semantic", "background_consistency", "temporal_flickering", "motion_smoothness",
+         "imaging_quality")
+
+
+def parse_args(argv=None):
+    from pisces_fast.world.config import parse_grid_row
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=None,
+                   help="a main job's output directory: probe its student (lora_diffusers/) with its OT map (ot_map/) "
+                        "at its config's world.student_row (default: the shipped teacher, with an OT map fitted here)")
+    p.add_argument("--row", default=None,
+                   help="SAMPLER:STEPS:GUIDANCE the clips are sampled with (default: the run's student row, or the "
+                        "teacher's best row of the main job, consistency:8:1)")
+    p.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=list(REWARDS), help="rewards to ascend")
+    p.add_argument("--lr", type=float, nargs="+", default=[0.002, 0.02], help="Adam learning rates on the latents")
+    p.add_argument("--steps", type=int, default=40, help="ascent steps")
+    p.add_argument("--every", type=int, default=10, help="analyzer scores every this many steps")
+    p.add_argument("--prompts", type=int, default=16, help="held-out prompts (the main job's first N)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (the main job's)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--work", default=os.path.join("outputs", "reward_gradient_probe"),
+                   help="where the teacher's OT map is fitted (once per world VLM, then reused)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 prompts, 1 seed, 4 steps at the last rate; the teacher's OT map from 256 clips, 30 steps (CI)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts, args.seeds, args.steps, args.every, args.lr = 2, args.seeds[:1], 4, 2, args.lr[-1:]
+    if args.run is not None and not os.path.isdir(os.path.join(args.run, "lora_diffusers")):
+        p.error(f"--run: expected a main job's output directory with lora_diffusers/ in it, got {args.run!r}")
+    if args.steps < 1 or args.every < 1 or args.prompts < 1:
+        p.error("--steps, --every and --prompts must be >= 1")
+    if any(not (lr > 0) for lr in args.lr):
+        p.error(f"--lr: expected positive learning rates, got {args.lr}")
+    if args.row is not None:
+        try:
+            parse_grid_row(args.row, "--row")
+        except ValueError as err:
+            p.error(str(err))
+    return args
+
+
+def load_model(args):
+    """(generator, config, row, OT map directory, label) of the probed model."""
+    from pisces_fast.training.lora import load_diffusers_lora_into_denoiser
+    from pisces_fast.world import load_world_generator
+    from pisces_fast.world.assets import world_vlm_path
+    from pisces_fast.world.config import parse_grid_row, world_config_from_argv
+    from pisces_fast.world.job import directory_digest, fit_world_ot_map
+
+    if args.run is None:
+        overrides = ["--world.eval_prompts", str(args.prompts)]
+        if args.quick:  # a small OT map (Algorithm 2 over 256 clips, 30 steps)
+            overrides += ["--world.ot_map_clips", "256", "--world.ot_map_steps", "30"]
+        cfg = world_config_from_argv(overrides)
+        gen = load_world_generator(cfg.model.path)
+        row = parse_grid_row(args.row or "consistency:8:1", "--row")
+        # Algorithm 2 as the main job fits it; it depends on the VLM (and the job's seed), so it is kept per VLM.
+        vlm_digest = directory_digest(str(world_vlm_path(cfg.world.vlm)))
+        w = cfg.world
+        name = f"ot_map_seed{cfg.seed}_{w.ot_map_clips}clips_{w.ot_map_steps}steps_vlm{vlm_digest}"
+        ot_dir = fit_world_ot_map(cfg, os.path.join(args.work, name))
+        return gen, cfg, row, ot_dir, "teacher (shipped generator)"
+    cfg = world_config_from_argv(["--config", os.path.join(args.run, "config.json"),
+                                  "--world.eval_prompts", str(args.prompts)])
+    gen = load_world_generator(cfg.model.path)
+    load_diffusers_lora_into_denoiser(gen.denoiser, gen.arch, os.path.join(args.run, "lora_diffusers"))
+    gen.denoiser.eval()
+    row = parse_grid_row(args.row, "--row") if args.row else dict(cfg.world.student_row)
+    return gen, cfg, row, os.path.join(args.run, "ot_map"), f"student ({args.run})"
+
+
+def sample_final_latents(gen, prompts: list, row: dict, seeds: list) -> torch.Tensor:
+    """The row's final latents for every seed, seed-major: the clips ``job.sample_row`` decodes."""
+    from pisces_fast.training.sampling import sample_latents
+    from pisces_fast.world.config import row_key
+    from pisces_fast.world.job import seed_noise
+
+    sampler, steps, guidance = row_key(row)
+    out = []
+    with torch.no_grad():
+        for seed in seeds:
+            latents, noise = seed_noise(gen, len(prompts), seed)
+            out.append(sample_latents(gen, gen.denoiser, prompts, steps, guidance, generator=noise, sampler=sampler,
+                                      latents=latents))
+    return torch.cat(out)
+
+
+def ascend(gen, reward, output: str, latents: torch.Tensor, prompts: list, seeds: list, lr: float, steps: int,
+           every: int) -> list:
+    """Adam ascent of ``reward(decode(z))[output]`` over z from ``latents``; a record every ``every`` steps."""
+    from pisces_fast.world.job import score_row
+
+    z = latents.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    batch_prompts = list(prompts) * len(seeds)
+    records = []
+    for step in range(steps + 1):
+        video = gen.decode_latents(z).float().clamp(0, 1)
+        values = reward(video, batch_prompts)
+        if step % every == 0 or step == steps:
+            scores = score_row(video.detach().cpu(), prompts, seeds)
+            records.append({"step": step, "reward": {k: float(v.detach().mean()) for k, v in values.items()},
+                            "analyzer": scores["mean"], "analyzer_std": scores["std"],
+                            "latent_shift": float((z.detach() - latents).norm() / latents.norm())})
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        (-values[output].mean()).backward()
+        opt.step()
+    return records
+
+
+def write_outputs(out: str, meta: dict, runs: list) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "reward_gradient_probe.json"), "w") as fh:
+        json.dump({"meta": meta, "runs": runs}, fh, indent=1)
+    head = ["reward", "Adam lr", "step", "reward value", "latent shift"] + [k.replace("_", " ") for k in SHOWN]
+    lines = [f"# Reward ascent on the {meta['model']}'s clips ({meta['row_label']}; {len(meta['prompts'])} held-out "
+             f"prompts x {len(meta['seeds'])} seeds)", "", f"`{meta['command']}`", "",
+             "Gradient ascent on each clip's final latents (through the VAE decoder) on one reward; analyzer scores of "
+             "the decoded clips (mean over seeds). Step 0 is the model's own sample.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        for rec in run["records"]:
+            cells = [run["reward"], f"{run['lr']:g}", str(rec["step"]), f"{rec['reward'][run['output']]:.3f}",
+                     f"{rec['latent_shift']:.3f}"] + [f"{rec['analyzer'].get(k, float('nan')):.3f}" for k in SHOWN]
+            lines.append("| " + " | ".join(cells) + " |")
+    with open(os.path.join(out, "reward_gradient_probe.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    plot(os.path.join(out, "reward_gradient_probe.png"), meta, runs)
+
+
+def plot(path: str, meta: dict, runs: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("reward value", None), ("analyzer Quality", "quality"), ("analyzer Semantic", "semantic"),
+              ("analyzer Total", "total"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (title, key) in zip(axes, panels):
+        for run in runs:
+            steps = [r["step"] for r in run["records"]]
+            ys = [r["reward"][run["output"]] if key is None else r["analyzer"][key] for r in run["records"]]
+            ax.plot(steps, ys, marker="o", label=f"{run['reward']}, lr {run['lr']:g}")
+        ax.set_title(title)
+        ax.set_xlabel("ascent step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Reward ascent on the {meta['model']}'s clips ({meta['row_label']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from pisces_fast.world import job
+
+    gen, cfg, row, ot_dir, model = load_model(args)
+    prompts = job.held_out_prompts(cfg)
+    t0 = time.time()
+    latents = sample_final_latents(gen, prompts, row, args.seeds)
+    runs = []
+    for name in args.rewards:
+        options, output = REWARDS[name]
+        reward = job.world_reward(ot_map=ot_dir, vlm=cfg.world.vlm, **options)
+        for lr in args.lr:
+            records = ascend(gen, reward, output, latents, prompts, args.seeds, lr, args.steps, args.every)
+            runs.append({"reward": name, "output": output, "lr": lr, "records": records})
+            first, last = records[0], records[-1]
+            print(f"{name:17s} lr {lr:<6g} reward {first['reward'][output]:.3f} -> {last['reward'][output]:.3f}   "
+                  + "  ".join(f"{k} {first['analyzer'][k]:.3f} -> {last['analyzer'][k]:.3f}"
+                              for k in ("total", "quality", "semantic")), flush=True)
+    command = " ".join(["python benchmarks/reward_gradient_probe.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    meta = {"model": model, "row": row, "row_label": job.row_label(row), "prompts": prompts, "seeds": args.seeds,
+            "steps": args.steps, "every": args.every, "seconds": round(time.time() - t0, 1), "command": command}
+    write_outputs(args.out, meta, runs)
+    return runs
+
+
+if __name__ == "__main__":
+    main()
