@@ -37,16 +37,18 @@ DEFAULT_OUT = os.path.join(HERE, "results", "learning_curves")
 
 # Overrides of the world job's defaults (pisces_fast.world.config.WORLD_DEFAULTS) for each mode. The world reward
 # runs without the OT map and POT patching here (no Algorithm 2 fit per seed): "w/o OT" rewards, still the
-# quality + semantic objective of the world VLM. GRPO: 2 prompts x G = 8 per step, DDIM eta 1 at 4 steps of which
-# the first 2 are stochastic and trained (grpo.sde_steps: the last two have std 0.04 / 0.02, their noise moves the
-# reward by ~0.006 std against ~0.15 for the first two, yet their log-prob gradients were the largest: with every
-# step trained the held-out reward rose in 2 of 5 seeds). GRPO + CD: the CD term on the batch's clips at CD_WEIGHT.
+# quality + semantic objective of the world VLM. GRPO: 2 prompts x G = 8 per step, DDIM eta 1 at 8 steps of which
+# the first 2 are stochastic and trained (grpo.sde_steps: at 4 steps the last two had std 0.04 / 0.02, their noise
+# moved the reward by ~0.006 std against ~0.15 for the first two, yet their log-prob gradients were the largest: with
+# every step trained the held-out reward rose in 2 of 5 seeds). 8 sampling steps, not 4: at the generator's 8 frames
+# the 4-step samples start at a negative quality cosine (-0.05; 8 steps: 0.22) and GRPO rose in 1 of 3 seeds (paired
+# +0.12, +0.02, -0.08); with 8 steps in all 3 (+0.15 +- 0.08, +0.10 +- 0.06, +0.16 +- 0.14). GRPO + CD: the CD term on the batch's clips at CD_WEIGHT.
 # The GRPO loss averages log-probs over latent elements, so its gradient is small (norm ~0.004 on the world) while
 # CD's is 0.04-0.2 and points slightly against it (cosine -0.14): at cd_weight 0.1 the CD gradient dominated and the
 # held-out reward rose only +0.012 +- 0.009 in 10 steps (seed 0); at 0.01 CD is an anchor of at most GRPO's size.
 COMMON = {"checkpoint_every": 0, "export_lora": False, "validation": {"every": 0}, "deepspeed": None,
           "reward": {"kwargs": {"use_ot_map": False, "use_pot": False}, "fusion": "equal"}}
-GRPO = {"group_size": 8, "num_sampling_steps": 4, "sde_steps": 2, "guidance_scale": 1.0, "eta": 1.0,
+GRPO = {"group_size": 8, "num_sampling_steps": 8, "sde_steps": 2, "guidance_scale": 1.0, "eta": 1.0,
         "timestep_fraction": 1.0, "clip_range": 1e-3, "updates_per_rollout": 1, "cd_weight": 0.0, "kl_beta": 0.0,
         "shared_noise": True}
 CD_WEIGHT = 0.01
@@ -273,7 +275,7 @@ def main(argv=None) -> None:
     p.add_argument("--dpo_eval_every", type=int, default=5)
     p.add_argument("--dpo_eval_clips", type=int, default=3)
     p.add_argument("--dpo_eval_noise", type=int, default=1)
-    p.add_argument("--num_frames", type=int, default=4, help="frames per clip (the world generator's own: 8)")
+    p.add_argument("--num_frames", type=int, default=8, help="frames per clip (the world generator's own: 8)")
     p.add_argument("--lr", type=float, default=None, help="override every mode's learning rate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=DEFAULT_OUT)

@@ -72,9 +72,9 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-def row_config(name: str, seed: int, args, out_dir: str):
-    from pisces_fast.training.config import _merge, load_config
-    from pisces_fast.world import WORLD_DEFAULTS, WorldTrainConfig
+def row_overrides(name: str, seed: int, args, out_dir: str) -> dict:
+    """The main job's overrides for one run of row ``name`` (its recipe, seed, steps and evaluation)."""
+    from pisces_fast.training.config import _merge
 
     row = parse_grid_row(args.sampler)
     overrides = {
@@ -88,7 +88,27 @@ def row_config(name: str, seed: int, args, out_dir: str):
     overrides = _merge(overrides, ROWS[name] or {})
     if name == "GRPO" and args.grpo_steps:
         overrides["max_steps"] = args.grpo_steps
-    return load_config(None, overrides, WORLD_DEFAULTS, WorldTrainConfig)
+    return overrides
+
+
+def row_config(name: str, seed: int, args, out_dir: str):
+    from pisces_fast.training.config import load_config
+    from pisces_fast.world import WORLD_DEFAULTS, WorldTrainConfig
+
+    return load_config(None, row_overrides(name, seed, args, out_dir), WORLD_DEFAULTS, WorldTrainConfig)
+
+
+def cached_report(out_dir: str, overrides: dict) -> Optional[dict]:
+    """An earlier run's report in ``out_dir`` if it was made with exactly these overrides (recorded next to it in
+    ``row_overrides.json``); None otherwise, e.g. after a row's recipe changed (GRPO's sampling steps did once)."""
+    report, recorded = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "row_overrides.json")
+    if not (os.path.isfile(report) and os.path.isfile(recorded)):
+        return None
+    with open(recorded) as fh:
+        if json.load(fh) != json.loads(json.dumps(overrides)):
+            return None
+    with open(report) as fh:
+        return json.load(fh)
 
 
 def cache_key(args) -> dict:
@@ -133,7 +153,8 @@ def run_row(name: str, seed: int, args) -> dict:
 
     out_dir = os.path.join(args.out, "runs", slug(name), f"seed{seed}")
     report = os.path.join(out_dir, "report.json")
-    if not os.path.isfile(report) or args.overwrite:
+    overrides = row_overrides(name, seed, args, out_dir)
+    if args.overwrite or cached_report(out_dir, overrides) is None:
         shutil.rmtree(out_dir, ignore_errors=True)
         cfg = row_config(name, seed, args, out_dir)
         # One OT-map fit per seed, shared by its rows (it depends on the seed only).
@@ -148,8 +169,8 @@ def run_row(name: str, seed: int, args) -> dict:
         data["wall_seconds"] = time.time() - start
         with open(report, "w") as fh:
             json.dump(data, fh, indent=1)
-    with open(report) as fh:
-        return json.load(fh)
+        atomic_write_text(os.path.join(out_dir, "row_overrides.json"), json.dumps(overrides, indent=1))
+    return cached_report(out_dir, overrides)
 
 
 def mean_ci(values: List[float], level: float = 0.95) -> tuple:

@@ -112,3 +112,24 @@ def test_ablation_cache_key_names_the_models_and_run_arguments():
     key = wa.cache_key(args)
     assert len(key["vlm"]) == len(key["generator"]) == 16 and key["max_steps"] == 60
     assert wa.cache_key(argparse.Namespace(**{**vars(args), "max_steps": 120})) != key
+
+
+def test_ablation_reuses_a_run_only_under_its_rows_recipe(tmp_path):
+    """A cached run is reused only if it was made with the row's current overrides: GRPO's sampling steps changed
+    once while its cached runs would have been reused under the same models and arguments."""
+    args = argparse.Namespace(vlm=None, max_steps=60, grpo_steps=12, eval_prompts=8, sampler="consistency:4:3")
+    run = tmp_path / "runs" / "grpo" / "seed0"
+    overrides = wa.row_overrides("GRPO", 0, args, str(run))
+    assert overrides["max_steps"] == 12 and overrides["grpo"]["sde_steps"] == 2 and overrides["seed"] == 0
+    assert wa.cached_report(str(run), overrides) is None  # nothing there
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({"after": {"total": 0.5}}))
+    assert wa.cached_report(str(run), overrides) is None  # a report without its recipe: not trusted
+    (run / "row_overrides.json").write_text(json.dumps(overrides))
+    assert wa.cached_report(str(run), overrides) == {"after": {"total": 0.5}}
+    changed = json.loads(json.dumps(overrides))
+    changed["grpo"]["num_sampling_steps"] = 4
+    assert wa.cached_report(str(run), changed) is None
+    other = wa.row_overrides("full", 0, args, str(run))
+    assert wa.cached_report(str(run), other) is None
+    assert wa.row_config("GRPO", 0, args, str(run)).grpo.num_sampling_steps == overrides["grpo"]["num_sampling_steps"]
