@@ -42,7 +42,8 @@ DEFAULT_OUT = os.path.join(HERE, "results", "learning_curves")
 # moved the reward by ~0.006 std against ~0.15 for the first two, yet their log-prob gradients were the largest: with
 # every step trained the held-out reward rose in 2 of 5 seeds). 8 sampling steps, not 4: at the generator's 8 frames
 # the 4-step samples start at a negative quality cosine (-0.05; 8 steps: 0.22) and GRPO rose in 1 of 3 seeds (paired
-# +0.12, +0.02, -0.08); with 8 steps in all 3 (+0.15 +- 0.08, +0.10 +- 0.06, +0.16 +- 0.14). GRPO + CD: the CD term on the batch's clips at CD_WEIGHT.
+# +0.12, +0.02, -0.08); with 8 steps in all 3 (+0.15 +- 0.08, +0.10 +- 0.06, +0.16 +- 0.14).
+# GRPO + CD: the CD term on the batch's clips at CD_WEIGHT.
 # The GRPO loss averages log-probs over latent elements, so its gradient is small (norm ~0.004 on the world) while
 # CD's is 0.04-0.2 and points slightly against it (cosine -0.14): at cd_weight 0.1 the CD gradient dominated and the
 # held-out reward rose only +0.012 +- 0.009 in 10 steps (seed 0); at 0.01 CD is an anchor of at most GRPO's size.
