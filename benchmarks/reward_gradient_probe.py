@@ -3,7 +3,7 @@
 Reward validity (``reward_validity.py``) asks whether a reward *ranks* clips the way the ground truth does. Direct
 reward backprop (Eq. 5) uses something else: the reward's *gradient* at the model's samples. This probe measures that
 direction without any training noise. It samples a model on the main job's held-out prompts, initial latents and
-re-noising noise (``pisces_fast.world.job.sample_row``'s), then runs gradient ascent with Adam on each clip's final
+re-noising noise (``pisces_fast.world.job.sample_row_latents``), then runs gradient ascent with Adam on each clip's final
 latents, through the VAE decoder, on one reward at a time, and scores the decoded clips with the world's analyzer
 every ``--every`` steps. A reward whose gradient points at what the analyzer calls better raises its scores along the
 way; a reward whose gradient is dominated by directions the analyzer calls worse (flicker, texture, noise) lowers
@@ -110,22 +110,6 @@ def load_model(args):
     return gen, cfg, row, os.path.join(args.run, "ot_map"), f"student ({args.run})"
 
 
-def sample_final_latents(gen, prompts: list, row: dict, seeds: list) -> torch.Tensor:
-    """The row's final latents for every seed, seed-major: the clips ``job.sample_row`` decodes."""
-    from pisces_fast.training.sampling import sample_latents
-    from pisces_fast.world.config import row_key
-    from pisces_fast.world.job import seed_noise
-
-    sampler, steps, guidance = row_key(row)
-    out = []
-    with torch.no_grad():
-        for seed in seeds:
-            latents, noise = seed_noise(gen, len(prompts), seed)
-            out.append(sample_latents(gen, gen.denoiser, prompts, steps, guidance, generator=noise, sampler=sampler,
-                                      latents=latents))
-    return torch.cat(out)
-
-
 def ascend(gen, reward, output: str, latents: torch.Tensor, prompts: list, seeds: list, lr: float, steps: int,
            every: int) -> list:
     """Adam ascent of ``reward(decode(z))[output]`` over z from ``latents``; a record every ``every`` steps."""
@@ -204,7 +188,7 @@ def main(argv=None):
     gen, cfg, row, ot_dir, model = load_model(args)
     prompts = job.held_out_prompts(cfg)
     t0 = time.time()
-    latents = sample_final_latents(gen, prompts, row, args.seeds)
+    latents = job.sample_row_latents(gen, gen.denoiser, prompts, row, args.seeds)  # no_grad inside
     runs = []
     for name in args.rewards:
         options, output = REWARDS[name]

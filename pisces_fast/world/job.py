@@ -122,14 +122,23 @@ def summarize(scores: dict) -> dict:
     return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k != "num_clips"}
 
 
-def sample_row(gen, forward: Callable, prompts: list, row: dict, seeds: list, on_step=None) -> torch.Tensor:
-    """Videos ``(len(seeds) * len(prompts), T, 3, H, W)`` of one grid row, seed-major."""
+def sample_row_latents(gen, forward: Callable, prompts: list, row: dict, seeds: list, on_step=None) -> torch.Tensor:
+    """Final latents ``(len(seeds) * len(prompts), C, F, h, w)`` of one grid row, seed-major."""
+    from pisces_fast.training.sampling import sample_latents
+
     sampler, steps, guidance = row_key(row)
-    videos = []
+    out = []
     for seed in seeds:
         latents, noise = seed_noise(gen, len(prompts), seed)
-        videos.append(gen.sample(forward, prompts, steps, guidance, generator=noise, on_step=on_step,
-                                 sampler=sampler, latents=latents))
+        out.append(sample_latents(gen, forward, prompts, steps, guidance, generator=noise, on_step=on_step,
+                                  sampler=sampler, latents=latents))
+    return torch.cat(out)
+
+
+def sample_row(gen, forward: Callable, prompts: list, row: dict, seeds: list, on_step=None) -> torch.Tensor:
+    """Videos ``(len(seeds) * len(prompts), T, 3, H, W)`` of one grid row, seed-major (decoded seed by seed)."""
+    latents = sample_row_latents(gen, forward, prompts, row, seeds, on_step=on_step)
+    videos = [gen.decode_latents(chunk) for chunk in latents.split(len(prompts))]
     return torch.cat(videos).float().clamp(0, 1).cpu()
 
 
