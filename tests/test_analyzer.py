@@ -174,11 +174,32 @@ def test_object_changing_mid_clip_lowers_subject_consistency(clips, analyzer, re
     assert result["imaging_quality"] >= 0.95 and result["motion_smoothness"] >= 0.9
 
 
+def test_subject_diagnostics_split_vanishing_from_changing(clips, analyzer, real):
+    """subject_presence counts the frames an object is missing (each a 0 in subject_consistency), subject_similarity
+    the appearance where it is found: an object removed from 4 of the 7 frames after the first lowers only the
+    first, by 4/7 of that clip's share of objects; an object recoloured mid-clip lowers only the second."""
+    assert real["diagnostics"]["subject_presence"] == 1.0 and real["diagnostics"]["subject_similarity"] >= 0.98
+    vanished = clips.videos.clone()
+    vanished[:, 4:] = S.render_layouts([lay.without_object(0) for lay in clips.layouts])[:, 4:]
+    raw = analyzer.raw_scores(vanished, clips.specs)
+    expected = [1.0 - (4 / 7) / len(lay.objects) for lay in clips.layouts]
+    presence = [r["subject_presence"] for r in raw]
+    np.testing.assert_allclose(presence, expected, atol=1e-9)
+    assert min(r["subject_similarity"] for r in raw) >= 0.95
+    result = analyzer.analyze(vanished, clips.specs)
+    assert real["subject_consistency"] - result["subject_consistency"] >= 0.3
+    morphed = clips.videos.clone()
+    morphed[:, 4:] = _recolored(clips)[:, 4:]
+    changed = analyzer.analyze(morphed, clips.specs)["diagnostics"]
+    assert changed["subject_presence"] >= 0.95 and changed["subject_similarity"] <= 0.95, changed
+
+
 def test_blank_clips_score_low(analyzer, clips):
     blank = torch.full_like(clips.videos[:4], 0.1)
     result = analyzer.analyze(blank, clips.specs[:4])
     assert result["semantic"] == 0.0
     assert result["object_count"] == 0.0 and result["subject_consistency"] == 0.0
+    assert result["diagnostics"] == {"subject_presence": None, "subject_similarity": None}
     assert result["total"] < 0.6
 
 

@@ -17,6 +17,11 @@ Quality -- prompt-agnostic appearance and temporal coherence of what is on scree
 * ``imaging_quality``       edge sharpness (steepest step / local contrast at object edges) times interior
                             cleanliness (objects are flat-colored, so texture inside one is noise).
 
+Diagnostics (not scored; ``analyze(...)["diagnostics"]``, raw means over the clips with a tracked object):
+``subject_presence``, the fraction of frames after an object's first appearance in which it is found (each
+missing frame is a 0 in ``subject_consistency``), and ``subject_similarity``, the similarity over the frames in
+which it is found -- so a low ``subject_consistency`` says whether objects vanish or change appearance.
+
 Semantic -- agreement with the prompt (VBench computes each only on prompts that state it; so do we):
 
 * ``object_class``          stated shapes found among the frame's objects (multiset match), per frame.
@@ -83,6 +88,8 @@ SEMANTIC_DIMENSIONS: tuple[str, ...] = (
     "spatial_relationship",
 )
 DIMENSIONS: tuple[str, ...] = QUALITY_DIMENSIONS + SEMANTIC_DIMENSIONS
+# Not scored: subject_consistency's two factors (module docstring), reported under "diagnostics".
+DIAGNOSTICS: tuple[str, ...] = ("subject_presence", "subject_similarity")
 # VBench weighs every dimension 1 except dynamic degree (0.5), which has no counterpart here.
 DIMENSION_WEIGHTS: dict[str, float] = {d: 1.0 for d in DIMENSIONS}
 QUALITY_WEIGHT = 4.0
@@ -432,9 +439,13 @@ def _smoothness(rows: np.ndarray, table: ComponentTable, side: float, cfg) -> fl
 
 def _subject_consistency(
     video: torch.Tensor, ids: torch.Tensor, all_rows: list[np.ndarray], table: ComponentTable, T: int, side: int
-) -> list[float]:
+) -> tuple[list[float], list[float | None], list[float | None]]:
     """Per clip: mean over tracked objects and frames after their first appearance of the similarity of the
-    centroid-aligned object crop to the first and the previous appearance (0 where the object is missing)."""
+    centroid-aligned object crop to the first and the previous appearance (0 where the object is missing).
+
+    Also its two factors, per clip (None where no object is tracked past its first frame): the fraction of those
+    frames in which the object is found (``subject_presence``) and the mean similarity over them
+    (``subject_similarity``)."""
     n, _, C, H, W = video.shape
     S = int(math.ceil(0.5 * side)) | 1
     entries = [
@@ -445,8 +456,10 @@ def _subject_consistency(
         if r >= 0
     ]
     scores = [0.0] * n
+    presence: list[float | None] = [None] * n
+    similarity_found: list[float | None] = [None] * n
     if not entries:
-        return scores
+        return scores, presence, similarity_found
     index = {(k, i, t): m for m, (k, i, t, _) in enumerate(entries)}
     r = np.array([e[3] for e in entries])
     frame = torch.from_numpy(table.frame[r]).to(video.device)
@@ -489,12 +502,15 @@ def _subject_consistency(
         s_prev = similarity([a for a, _ in pairs_prev], [b for _, b in pairs_prev])
         seen = np.array([o[3] for o in owners])
         sim[seen] = 0.5 * (s_first + s_prev)
-    per_clip: dict[int, list[float]] = {}
-    for (k, _, _, _), value in zip(owners, sim):
-        per_clip.setdefault(k, []).append(float(value))
+    per_clip: dict[int, list[tuple[float, bool]]] = {}
+    for (k, _, _, found), value in zip(owners, sim):
+        per_clip.setdefault(k, []).append((float(value), found))
     for k, values in per_clip.items():
-        scores[k] = float(np.mean(values))
-    return scores
+        scores[k] = float(np.mean([v for v, _ in values]))
+        presence[k] = float(np.mean([found for _, found in values]))
+        seen_values = [v for v, found in values if found]
+        similarity_found[k] = float(np.mean(seen_values)) if seen_values else None
+    return scores, presence, similarity_found
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -550,7 +566,8 @@ class ShapesAnalyzer:
         return Detections(chunks, tuple(videos.shape))
 
     def raw_scores(self, videos, specs) -> list[dict[str, float | None]]:
-        """Raw (unnormalised) dimension values per clip; ``None`` where a prompt does not state a dimension.
+        """Raw (unnormalised) dimension values per clip, plus the :data:`DIAGNOSTICS`; ``None`` where a prompt does
+        not state a dimension (a diagnostic: where no object is tracked past its first frame).
         ``videos`` may be clips or the :class:`Detections` of clips."""
         detections = videos if isinstance(videos, Detections) else self.detect(videos)
         N, T, _, H, W = detections.shape
@@ -565,10 +582,12 @@ class ShapesAnalyzer:
             offset += n
             table, starts = chunk.table, chunk.starts
             all_rows = [_assign(spec, table, starts, k * T, T, side, cfg) for k, spec in enumerate(chunk_specs)]
-            subject = _subject_consistency(chunk.videos, chunk.ids, all_rows, table, T, int(side))
+            subject, presence, similarity = _subject_consistency(chunk.videos, chunk.ids, all_rows, table, T, int(side))
             for k, spec in enumerate(chunk_specs):
                 scores = {
                     "subject_consistency": subject[k],
+                    "subject_presence": presence[k],
+                    "subject_similarity": similarity[k],
                     "background_consistency": 1.0 - float(chunk.background[k]),
                     "temporal_flickering": 1.0 - float(chunk.flicker[k]),
                     "motion_smoothness": _smoothness(all_rows[k], table, side, cfg),
@@ -582,9 +601,9 @@ class ShapesAnalyzer:
         """Score clips ``(N, T, 3, H, W)`` in ``[0, 1]`` (or their :class:`Detections`) against specs or captions.
 
         Returns ``{"quality", "semantic", "total", <dimension>: normalised score, "raw": {<dimension>: raw
-        mean}, "num_clips": N, "per_clip": [...]}``. Each dimension is the VBench-normalised mean over the
-        clips whose prompt states it (``None`` if none does); ``per_clip`` holds, per clip, the caption, its
-        normalised dimensions and its own quality/semantic/total.
+        mean}, "diagnostics": {<diagnostic>: raw mean}, "num_clips": N, "per_clip": [...]}``. Each dimension is
+        the VBench-normalised mean over the clips whose prompt states it (``None`` if none does); ``per_clip``
+        holds, per clip, the caption, its normalised dimensions and its own quality/semantic/total.
         """
         if not isinstance(videos, Detections):
             videos = _check_videos(videos)
@@ -601,6 +620,10 @@ class ShapesAnalyzer:
         result = combine_scores(summary)
         result.update(summary)
         result["raw"] = raw_means
+        result["diagnostics"] = {}
+        for d in DIAGNOSTICS:
+            values = [r[d] for r in raw if r[d] is not None]
+            result["diagnostics"][d] = float(np.mean(values)) if values else None
         result["num_clips"] = len(raw)
         per_clip = []
         for spec, r in zip(specs, raw):

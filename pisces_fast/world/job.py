@@ -142,14 +142,21 @@ def sample_row(gen, forward: Callable, prompts: list, row: dict, seeds: list, on
     return torch.cat(videos).float().clamp(0, 1).cpu()
 
 
-def score_row(videos: torch.Tensor, prompts: list, seeds: list) -> dict:
-    """Analyzer scores per seed, their mean and their standard deviation across seeds."""
+def score_row(videos: torch.Tensor, prompts: list, seeds: list, diagnostics: bool = False) -> dict:
+    """Analyzer scores per seed, their mean and their standard deviation across seeds; with `diagnostics`, also
+    subject consistency's raw value and the analyzer's diagnostics (its factors), averaged over the seeds."""
     n = len(prompts)
-    per_seed = [summarize(analyze(videos[i * n:(i + 1) * n], prompts)) for i in range(len(seeds))]
+    results = [analyze(videos[i * n:(i + 1) * n], prompts) for i in range(len(seeds))]
+    per_seed = [summarize(r) for r in results]
     keys = [k for k in per_seed[0] if all(k in s for s in per_seed)]
     mean = {k: float(np.mean([s[k] for s in per_seed])) for k in keys}
     std = {k: float(np.std([s[k] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for k in keys}
-    return {"mean": mean, "std": std, "per_seed": per_seed}
+    out = {"mean": mean, "std": std, "per_seed": per_seed}
+    if diagnostics:
+        found = [{"subject_consistency_raw": r["raw"]["subject_consistency"], **r["diagnostics"]} for r in results]
+        values = {k: [f[k] for f in found if f[k] is not None] for k in found[0]}
+        out["diagnostics"] = {k: float(np.mean(v)) if v else None for k, v in values.items()}
+    return out
 
 
 def _grid_steps(rows: list, seeds: list) -> int:
