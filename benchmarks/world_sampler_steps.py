@@ -10,6 +10,7 @@ tracked objects are found and how alike they look where found.
 
     python benchmarks/world_sampler_steps.py                               # consistency 1..25 steps, DDIM 20/50
     python benchmarks/world_sampler_steps.py --generator DIR --guidance 1 3
+    python benchmarks/world_sampler_steps.py --conditional_mean 4           # + the mean of 4 re-noisings per row
 
 Writes ``<out>/world_sampler_steps.json`` and ``.md``.
 """
@@ -38,13 +39,35 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="classifier-free guidance scales")
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts (the main job's first N)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (the main job's)")
+    p.add_argument("--conditional_mean", type=int, default=1, metavar="K",
+                   help="K >= 2: also score, per consistency row, the mean of K samples from the same initial latents "
+                        "with K different re-noising sequences (what a regression onto the stochastic sampler's "
+                        "output would learn: its mean given the starting noise)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     return p.parse_args(argv)
 
 
+def conditional_mean_videos(gen, prompts: list, row: dict, seeds: list, k: int) -> torch.Tensor:
+    """Per seed, the mean final latents of k consistency-sampler runs from the seed's initial latents, each with its
+    own re-noising noise (draw 0 is the row's own, `job.seed_noise`), decoded: (len(seeds) * len(prompts), T, 3, H, W)."""
+    from pisces_fast.training.sampling import sample_latents
+    from pisces_fast.world import job
+
+    sampler, steps, guidance = job.row_key(row)
+    videos = []
+    for seed in seeds:
+        latents, _ = job.seed_noise(gen, len(prompts), seed)
+        draws = [sample_latents(gen, gen.denoiser, prompts, steps, guidance, sampler=sampler, latents=latents,
+                                generator=torch.Generator().manual_seed(int(seed) + 7919 + 104729 * j)) for j in range(k)]
+        videos.append(gen.decode_latents(torch.stack(draws).mean(0)))
+    return torch.cat(videos).float().clamp(0, 1).cpu()
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.conditional_mean < 1:
+        raise SystemExit(f"--conditional_mean: expected an integer >= 1, got {args.conditional_mean}")
     torch.set_num_threads(args.threads)
     from pisces_fast.training.generators import generator_from_config
     from pisces_fast.world import job
@@ -70,6 +93,13 @@ def main(argv=None):
         m = scores["mean"]
         print(f"{job.row_label(row):32s} Total {m['total']:.3f}  Quality {m['quality']:.3f}  Semantic {m['semantic']:.3f}"
               f"  ({results[-1]['seconds']:.0f} s)", flush=True)
+        if args.conditional_mean > 1 and row["sampler"] == "consistency":
+            with torch.no_grad():
+                mean_videos = conditional_mean_videos(gen, prompts, row, args.seeds, args.conditional_mean)
+            results[-1]["conditional_mean"] = job.score_row(mean_videos, prompts, args.seeds)
+            cm = results[-1]["conditional_mean"]["mean"]
+            print(f"{'  mean of %d re-noisings' % args.conditional_mean:32s} Total {cm['total']:.3f}  "
+                  f"Quality {cm['quality']:.3f}  Semantic {cm['semantic']:.3f}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     meta = {"generator": cfg.model.path, "prompts": prompts, "seeds": args.seeds,
             "command": " ".join(["python benchmarks/world_sampler_steps.py"] + (sys.argv[1:] if argv is None else list(argv)))}
@@ -88,6 +118,17 @@ def main(argv=None):
         cells += [f"{m['subject_consistency']:.3f} ({diag['subject_consistency_raw']:.3f})"]
         cells += [f"{diag[k]:.3f}" if diag[k] is not None else "–" for k in ("subject_presence", "subject_similarity")]
         lines.append("| " + " | ".join(cells) + " |")
+    with_mean = [r for r in results if "conditional_mean" in r]
+    if with_mean:
+        lines += ["", f"Mean of {args.conditional_mean} samples per initial latent (same initial latents, "
+                  f"{args.conditional_mean} re-noising sequences, latents averaged, then decoded): what regressing onto "
+                  "the stochastic sampler's output would learn.", "",
+                  "| sampler | one sample: Total | Quality | Semantic | mean: Total | Quality | Semantic |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in with_mean:
+            m, cm = r["mean"], r["conditional_mean"]["mean"]
+            lines.append("| " + " | ".join([r["label"]] + [f"{m[k]:.3f}" for k in ("total", "quality", "semantic")]
+                                           + [f"{cm[k]:.3f}" for k in ("total", "quality", "semantic")]) + " |")
     lines += ["", "Subject consistency is 0 below a raw 0.80 (the analyzer's floor). Per clip its raw value is the "
               "fraction of frames after each tracked object's first appearance in which the object is found (a "
               "missing frame counts 0) times the similarity of its appearances where found (real clips: 1.000 "
