@@ -50,16 +50,19 @@ def parse_args(argv=None):
 
 def conditional_mean_videos(gen, prompts: list, row: dict, seeds: list, k: int) -> torch.Tensor:
     """Per seed, the mean final latents of k consistency-sampler runs from the seed's initial latents, each with its
-    own re-noising noise (draw 0 is the row's own, `job.seed_noise`), decoded: (len(seeds) * len(prompts), T, 3, H, W)."""
+    own re-noising noise (`job.seed_noise` draws 0..k-1; draw 0 is the row's own), decoded:
+    (len(seeds) * len(prompts), T, 3, H, W)."""
     from pisces_fast.training.sampling import sample_latents
     from pisces_fast.world import job
 
     sampler, steps, guidance = job.row_key(row)
     videos = []
     for seed in seeds:
-        latents, _ = job.seed_noise(gen, len(prompts), seed)
-        draws = [sample_latents(gen, gen.denoiser, prompts, steps, guidance, sampler=sampler, latents=latents,
-                                generator=torch.Generator().manual_seed(int(seed) + 7919 + 104729 * j)) for j in range(k)]
+        draws = []
+        for j in range(k):
+            latents, noise = job.seed_noise(gen, len(prompts), seed, draw=j)
+            draws.append(sample_latents(gen, gen.denoiser, prompts, steps, guidance, sampler=sampler, latents=latents,
+                                        generator=noise))
         videos.append(gen.decode_latents(torch.stack(draws).mean(0)))
     return torch.cat(videos).float().clamp(0, 1).cpu()
 

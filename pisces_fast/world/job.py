@@ -110,11 +110,12 @@ def row_label(row: dict) -> str:
     return f"{name} {steps} steps, CFG {guidance:g}"
 
 
-def seed_noise(gen, num_prompts: int, seed: int) -> tuple:
+def seed_noise(gen, num_prompts: int, seed: int, draw: int = 0) -> tuple:
     """The initial latents and the generator of the consistency sampler's fresh noise for one eval seed: the same
-    for every model and row, so differences come from the model and the sampler only."""
+    for every model and row, so differences come from the model and the sampler only. `draw` > 0 keeps the initial
+    latents and gives another re-noising sequence (the evaluation uses draw 0)."""
     latents = torch.randn(gen.latent_shape(num_prompts), generator=torch.Generator().manual_seed(int(seed)))
-    return latents, torch.Generator().manual_seed(int(seed) + 7919)
+    return latents, torch.Generator().manual_seed(int(seed) + 7919 + 104729 * int(draw))
 
 
 def summarize(scores: dict) -> dict:
