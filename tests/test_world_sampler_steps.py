@@ -1,18 +1,18 @@
 """benchmarks/world_sampler_steps.py, reduced: the shipped teacher over two sampler rows, with subject consistency
 split into the analyzer's diagnostics (per clip, its raw value = objects found x similarity where found)."""
 import json
-import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
-
-world_sampler_steps = pytest.importorskip("world_sampler_steps")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_sweep_writes_scores_and_subject_diagnostics(tmp_path):
+@pytest.fixture(scope="module")
+def world_sampler_steps(load_repo_module):
+    return load_repo_module("benchmarks/world_sampler_steps.py")
+
+
+def test_sweep_writes_scores_and_subject_diagnostics(world_sampler_steps, tmp_path):
     results = world_sampler_steps.main(["--steps", "1", "4", "--ddim", "--prompts", "3", "--seeds", "0",
                                         "--conditional_mean", "2", "--threads", "1", "--out", str(tmp_path)])
     assert [r["label"] for r in results] == ["consistency 1 steps, CFG 1", "consistency 4 steps, CFG 1"]
@@ -29,7 +29,7 @@ def test_sweep_writes_scores_and_subject_diagnostics(tmp_path):
     assert all("total" in r["conditional_mean"]["mean"] for r in results) and "Mean of 2 samples" in table
 
 
-def test_conditional_mean_of_one_draw_is_the_row_itself():
+def test_conditional_mean_of_one_draw_is_the_row_itself(world_sampler_steps):
     import torch
 
     from pisces_fast.training.generators import generator_from_config
