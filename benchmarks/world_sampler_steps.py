@@ -52,17 +52,11 @@ def conditional_mean_videos(gen, prompts: list, row: dict, seeds: list, k: int) 
     """Per seed, the mean final latents of k consistency-sampler runs from the seed's initial latents, each with its
     own re-noising noise (`job.seed_noise` draws 0..k-1; draw 0 is the row's own), decoded:
     (len(seeds) * len(prompts), T, 3, H, W)."""
-    from pisces_fast.training.sampling import sample_latents
     from pisces_fast.world import job
 
-    sampler, steps, guidance = job.row_key(row)
     videos = []
     for seed in seeds:
-        draws = []
-        for j in range(k):
-            latents, noise = job.seed_noise(gen, len(prompts), seed, draw=j)
-            draws.append(sample_latents(gen, gen.denoiser, prompts, steps, guidance, sampler=sampler, latents=latents,
-                                        generator=noise))
+        draws = [job.sample_row_latents(gen, gen.denoiser, prompts, row, [seed], draw=j) for j in range(k)]
         videos.append(gen.decode_latents(torch.stack(draws).mean(0)))
     return torch.cat(videos).float().clamp(0, 1).cpu()
 

@@ -123,14 +123,15 @@ def summarize(scores: dict) -> dict:
     return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k != "num_clips"}
 
 
-def sample_row_latents(gen, forward: Callable, prompts: list, row: dict, seeds: list, on_step=None) -> torch.Tensor:
-    """Final latents ``(len(seeds) * len(prompts), C, F, h, w)`` of one grid row, seed-major."""
+def sample_row_latents(gen, forward: Callable, prompts: list, row: dict, seeds: list, on_step=None,
+                       draw: int = 0) -> torch.Tensor:
+    """Final latents ``(len(seeds) * len(prompts), C, F, h, w)`` of one grid row, seed-major (`draw`: `seed_noise`)."""
     from pisces_fast.training.sampling import sample_latents
 
     sampler, steps, guidance = row_key(row)
     out = []
     for seed in seeds:
-        latents, noise = seed_noise(gen, len(prompts), seed)
+        latents, noise = seed_noise(gen, len(prompts), seed, draw)
         out.append(sample_latents(gen, forward, prompts, steps, guidance, generator=noise, on_step=on_step,
                                   sampler=sampler, latents=latents))
     return torch.cat(out)
