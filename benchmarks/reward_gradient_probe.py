@@ -12,9 +12,15 @@ them while the reward itself climbs. Nothing but the latents moves: no model wei
     python benchmarks/reward_gradient_probe.py --run outputs/world      # the main job's student (its LoRA, OT map)
     python benchmarks/reward_gradient_probe.py                          # the shipped teacher at its best row
     python benchmarks/reward_gradient_probe.py --quick                  # CI: 2 prompts, 1 seed, 4 ascent steps
+    python benchmarks/reward_gradient_probe.py --run outputs/world --smooth 4   # ascend each reward's mean over 4
+                                                                        # noisy, flickering copies of the clip
 
 Rewards (the main job's world VLM): ``quality`` (OT-mapped cosine, Eq. 2), ``quality_plain`` (plain cosine),
-``semantic`` (POT-fused VTM, m = 0.9, Eq. 4), ``semantic_vanilla`` (vanilla cross-attention).
+``semantic`` (POT-fused VTM, m = 0.9, Eq. 4), ``semantic_vanilla`` (vanilla cross-attention). ``--discriminators``
+also ascends what adversarial post-training would follow: discriminators trained here on real train-split clips vs
+the model's own samples (``vlm``: a head on the frozen world VLM's video tokens; ``latent``: a 3D CNN on the clip's
+VAE latents; ``pixel``: a 3D CNN on its pixels). ``--smooth K`` ascends each one's mean over K noisy, flickering
+copies of the clip instead (a cheap robustification of its gradient).
 Writes ``<out>/reward_gradient_probe.json`` (every number), ``.md`` (the table) and ``.png`` (the curves).
 """
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -37,6 +44,10 @@ REWARDS = {
     "semantic": ({"use_ot_map": False, "use_pot": True}, "semantic"),
     "semantic_vanilla": ({"use_ot_map": False, "use_pot": False}, "semantic"),
 }
+# Discriminators (real clips vs the probed model's own samples), ascended like a reward: what adversarial post-training
+# would follow. "vlm": a head on the frozen world VLM's video tokens; "latent": a 3D CNN on the VAE latents of the clip
+# (encoded, so the gradient still reaches the sample through decode -> encode); "pixel": a 3D CNN on the pixels.
+DISCRIMINATORS = ("vlm", "latent", "pixel")
 SHOWN = ("total", "quality", "semantic", "background_consistency", "temporal_flickering", "motion_smoothness",
          "imaging_quality")
 
@@ -51,12 +62,26 @@ def parse_args(argv=None):
     p.add_argument("--row", default=None,
                    help="SAMPLER:STEPS:GUIDANCE the clips are sampled with (default: the run's student row, or the "
                         "teacher's best row of the main job, consistency:8:1)")
-    p.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=list(REWARDS), help="rewards to ascend")
+    p.add_argument("--rewards", nargs="*", default=list(REWARDS), choices=list(REWARDS), help="rewards to ascend")
+    p.add_argument("--discriminators", nargs="*", default=[], choices=DISCRIMINATORS,
+                   help="also ascend discriminators trained here on real train-split clips vs the probed model's own "
+                        "samples (same row) on those clips' captions: 'vlm' (a head on the frozen world VLM's video "
+                        "tokens), 'latent' (a 3D CNN on the clip's VAE latents), 'pixel' (a 3D CNN on its pixels)")
+    p.add_argument("--disc_clips", type=int, default=256,
+                   help="real and generated clips each for the discriminators (75%% train, 25%% held out)")
+    p.add_argument("--disc_steps", type=int, default=300, help="discriminator training steps (Adam, batch 32)")
     p.add_argument("--lr", type=float, nargs="+", default=[0.002, 0.02], help="Adam learning rates on the latents")
     p.add_argument("--steps", type=int, default=40, help="ascent steps")
     p.add_argument("--every", type=int, default=10, help="analyzer scores every this many steps")
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts (the main job's first N)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (the main job's)")
+    p.add_argument("--smooth", type=int, default=0, metavar="K",
+                   help="K >= 1: ascend the reward's mean over K randomly perturbed copies of each clip instead of the "
+                        "reward itself (expectation over transformations, a cheap robustification of its gradient: "
+                        "per-frame brightness flicker of +-SMOOTH_FLICKER, then pixel noise of std SMOOTH_NOISE, from "
+                        "pisces_fast.training.distortions); the records still report the clean clip's reward")
+    p.add_argument("--smooth_noise", type=float, default=0.05, help="pixel-noise std of --smooth's copies")
+    p.add_argument("--smooth_flicker", type=float, default=0.05, help="brightness-flicker amplitude of --smooth's copies")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--work", default=os.path.join("outputs", "reward_gradient_probe"),
@@ -66,10 +91,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.seeds, args.steps, args.every, args.lr = 2, args.seeds[:1], 4, 2, args.lr[-1:]
+        args.disc_clips, args.disc_steps = 8, 3
+    if not args.rewards and not args.discriminators:
+        p.error("--rewards / --discriminators: nothing to ascend")
+    if args.disc_clips < 4 or args.disc_steps < 1:
+        p.error(f"--disc_clips: expected >= 4; --disc_steps: >= 1; got {args.disc_clips}, {args.disc_steps}")
     if args.run is not None and not os.path.isdir(os.path.join(args.run, "lora_diffusers")):
         p.error(f"--run: expected a main job's output directory with lora_diffusers/ in it, got {args.run!r}")
     if args.steps < 1 or args.every < 1 or args.prompts < 1:
         p.error("--steps, --every and --prompts must be >= 1")
+    if args.smooth < 0 or not args.smooth_noise > 0 or not 0 < args.smooth_flicker < 1:
+        p.error(f"--smooth: expected >= 0; --smooth_noise: > 0; --smooth_flicker: in (0, 1); got {args.smooth}, "
+                f"{args.smooth_noise}, {args.smooth_flicker}")
     if any(not (lr > 0) for lr in args.lr):
         p.error(f"--lr: expected positive learning rates, got {args.lr}")
     if args.row is not None:
@@ -110,18 +143,111 @@ def load_model(args):
     return gen, cfg, row, os.path.join(args.run, "ot_map"), f"student ({args.run})"
 
 
+class VLMTokenDiscriminator(torch.nn.Module):
+    """A per-token projection of the frozen world VLM's video tokens, then a linear read-out of all of them."""
+
+    def __init__(self, backbone, num_tokens: int, width: int, hidden: int = 64):
+        super().__init__()
+        self.backbone = backbone
+        self.token = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.LeakyReLU(0.2))
+        self.out = torch.nn.Linear(hidden * num_tokens, 1)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.out(self.token(self.backbone.encode_video(video).tokens).flatten(1)).squeeze(-1)
+
+
+class ConvDiscriminator(torch.nn.Module):
+    """A 3D CNN on (B, C, T, H, W): stride 1 then 2 in space, then 2 in time and space twice, mean pool, linear."""
+
+    def __init__(self, channels: int, width: int = 32, features=None):
+        super().__init__()
+        act = torch.nn.LeakyReLU(0.2)
+        self.features = features  # video (B, T, 3, H, W) -> (B, C, T, H, W)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv3d(channels, width, 3, padding=1), act,
+            torch.nn.Conv3d(width, 2 * width, 3, stride=(1, 2, 2), padding=1), act,
+            torch.nn.Conv3d(2 * width, 2 * width, 3, stride=2, padding=1), act,
+            torch.nn.Conv3d(2 * width, 2 * width, 3, stride=2, padding=1), act)
+        self.out = torch.nn.Linear(2 * width, 1)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.out(self.net(self.features(video)).mean(dim=(2, 3, 4))).squeeze(-1)
+
+
+def discriminator_data(gen, cfg, row: dict, n: int) -> tuple:
+    """(real, generated) clips (n, T, 3, H, W): train-split clips of the world and the probed model's samples at
+    ``row`` on their captions (train prompts, so none of the probe's held-out prompts)."""
+    from pisces_fast.data.shapes import make_clips
+    from pisces_fast.world import job
+
+    clips = make_clips(n, split="train", seed=cfg.seed + 1, config=job.world_config_of(cfg))
+    chunk = 64
+    fake = [job.sample_row(gen, gen.denoiser, clips.captions[i:i + chunk], row, [cfg.seed + 1 + i])
+            for i in range(0, n, chunk)]
+    return clips.videos.float(), torch.cat(fake)
+
+
+def train_discriminator(kind: str, gen, vlm_dir, real: torch.Tensor, fake: torch.Tensor, steps: int) -> tuple:
+    """A discriminator of ``kind`` trained with the logistic GAN loss on the first 75% of the clips; returns it
+    (frozen) and its accuracy on the last 25%."""
+    import torch.nn.functional as F
+
+    from pisces_fast.world import load_world_vlm
+
+    torch.manual_seed(0)
+    if kind == "vlm":
+        backbone = load_world_vlm(vlm_dir)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            tokens = backbone.encode_video(real[:1]).tokens
+        disc = VLMTokenDiscriminator(backbone, tokens.shape[1], tokens.shape[2])
+    elif kind == "latent":
+        # the codec itself: VideoGenerator.encode_video is no_grad, and the ascent needs the gradient
+        disc = ConvDiscriminator(gen.latent_shape(1)[1], features=lambda video: gen.codec.encode(video).float())
+    else:
+        disc = ConvDiscriminator(3, features=lambda video: video.transpose(1, 2))
+    params = [p for p in disc.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
+    n_train = max(2, int(0.75 * len(real)))
+    for _ in range(steps):
+        idx = torch.randint(0, n_train, (min(32, n_train),))
+        loss = F.softplus(-disc(real[idx])).mean() + F.softplus(disc(fake[idx])).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        accuracy = 0.5 * (float((disc(real[n_train:]) > 0).float().mean()) + float((disc(fake[n_train:]) < 0).float().mean()))
+    return disc, accuracy
+
+
+def smoothed_reward(reward, video: torch.Tensor, prompts: list, smooth: tuple, generator: torch.Generator) -> dict:
+    """The reward's mean over ``k`` perturbed copies of ``video`` (``smooth`` = (k, noise std, flicker amplitude))."""
+    from pisces_fast.training.distortions import add_noise, brightness_flicker
+
+    k, noise_std, flicker = smooth
+    values = [reward(add_noise(brightness_flicker(video, flicker, generator), noise_std, generator), prompts)
+              for _ in range(k)]
+    return {key: sum(v[key] for v in values) / k for key in values[0]}
+
+
 def ascend(gen, reward, output: str, latents: torch.Tensor, prompts: list, seeds: list, lr: float, steps: int,
-           every: int) -> list:
-    """Adam ascent of ``reward(decode(z))[output]`` over z from ``latents``; a record every ``every`` steps."""
+           every: int, smooth: Optional[tuple] = None) -> list:
+    """Adam ascent of ``reward(decode(z))[output]`` over z from ``latents`` (with ``smooth``, of its mean over
+    perturbed copies: `smoothed_reward`); a record every ``every`` steps."""
     from pisces_fast.world.job import score_row
 
     z = latents.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     batch_prompts = list(prompts) * len(seeds)
     records = []
+    noise = torch.Generator().manual_seed(0)
     for step in range(steps + 1):
         video = gen.decode_latents(z).float().clamp(0, 1)
-        values = reward(video, batch_prompts)
+        with torch.set_grad_enabled(smooth is None):
+            values = reward(video, batch_prompts)
         if step % every == 0 or step == steps:
             scores = score_row(video.detach().cpu(), prompts, seeds)
             records.append({"step": step, "reward": {k: float(v.detach().mean()) for k, v in values.items()},
@@ -130,6 +256,8 @@ def ascend(gen, reward, output: str, latents: torch.Tensor, prompts: list, seeds
         if step == steps:
             break
         opt.zero_grad(set_to_none=True)
+        if smooth is not None:
+            values = smoothed_reward(reward, video, batch_prompts, smooth, noise)
         (-values[output].mean()).backward()
         opt.step()
     return records
@@ -143,7 +271,14 @@ def write_outputs(out: str, meta: dict, runs: list) -> None:
     lines = [f"# Reward ascent on the {meta['model']}'s clips ({meta['row_label']}; {len(meta['prompts'])} held-out "
              f"prompts x {len(meta['seeds'])} seeds)", "", f"`{meta['command']}`", "",
              "Gradient ascent on each clip's final latents (through the VAE decoder) on one reward; analyzer scores of "
-             "the decoded clips (mean over seeds). Step 0 is the model's own sample.", "",
+             "the decoded clips (mean over seeds). Step 0 is the model's own sample."]
+    discs = [r["discriminator"] for r in runs if r.get("discriminator")]
+    if discs:
+        seen = {d["kind"]: d for d in discs}
+        lines += ["", "Discriminators (real train-split clips vs the model's own samples on their captions; held-out "
+                  "accuracy on the last 25%): " + ", ".join(f"{k} {d['held_out_accuracy']:.3f} ({d['clips']} clips "
+                                                            f"each, {d['steps']} steps)" for k, d in seen.items()) + "."]
+    lines += ["",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         for rec in run["records"]:
@@ -189,17 +324,30 @@ def main(argv=None):
     prompts = job.held_out_prompts(cfg)
     t0 = time.time()
     latents = job.sample_row_latents(gen, gen.denoiser, prompts, row, args.seeds)  # no_grad inside
+    smooth = (args.smooth, args.smooth_noise, args.smooth_flicker) if args.smooth else None
+    suffix = f" (smoothed x{args.smooth})" if smooth else ""
     runs = []
-    for name in args.rewards:
-        options, output = REWARDS[name]
-        reward = job.world_reward(ot_map=ot_dir, vlm=cfg.world.vlm, **options)
+
+    def probe(name: str, reward, output: str, **extra) -> None:
         for lr in args.lr:
-            records = ascend(gen, reward, output, latents, prompts, args.seeds, lr, args.steps, args.every)
-            runs.append({"reward": name, "output": output, "lr": lr, "records": records})
+            records = ascend(gen, reward, output, latents, prompts, args.seeds, lr, args.steps, args.every, smooth)
+            runs.append({"reward": name + suffix, "output": output, "lr": lr, "smooth": list(smooth) if smooth else None,
+                         **extra, "records": records})
             first, last = records[0], records[-1]
-            print(f"{name:17s} lr {lr:<6g} reward {first['reward'][output]:.3f} -> {last['reward'][output]:.3f}   "
+            print(f"{name:22s} lr {lr:<6g} reward {first['reward'][output]:.3f} -> {last['reward'][output]:.3f}   "
                   + "  ".join(f"{k} {first['analyzer'][k]:.3f} -> {last['analyzer'][k]:.3f}"
                               for k in ("total", "quality", "semantic")), flush=True)
+
+    for name in args.rewards:
+        options, output = REWARDS[name]
+        probe(name, job.world_reward(ot_map=ot_dir, vlm=cfg.world.vlm, **options), output)
+    if args.discriminators:
+        real, fake = discriminator_data(gen, cfg, row, args.disc_clips)
+    for kind in args.discriminators:
+        disc, accuracy = train_discriminator(kind, gen, cfg.world.vlm, real, fake, args.disc_steps)
+        probe(f"discriminator ({kind})", lambda video, prompts, disc=disc: {"realness": disc(video)}, "realness",
+              discriminator={"kind": kind, "clips": args.disc_clips, "steps": args.disc_steps,
+                             "held_out_accuracy": accuracy})
     command = " ".join(["python benchmarks/reward_gradient_probe.py"] + (sys.argv[1:] if argv is None else list(argv)))
     meta = {"model": model, "row": row, "row_label": job.row_label(row), "prompts": prompts, "seeds": args.seeds,
             "steps": args.steps, "every": args.every, "seconds": round(time.time() - t0, 1), "command": command}

@@ -47,6 +47,57 @@ def test_quick_probe_starts_from_the_main_jobs_clips_and_climbs_its_reward(probe
     assert len(os.listdir(tmp_path / "work")) == 1
 
 
+def test_smoothed_ascent_starts_from_the_same_clips_and_reports_the_clean_reward(probe, tmp_path):
+    """--smooth K ascends the reward's mean over K perturbed copies; the records are of the clean clip."""
+    common = ["--quick", "--rewards", "quality", "--row", "consistency:2:1", "--work", str(tmp_path / "work"),
+              "--threads", "1"]
+    plain = probe.main(common + ["--out", str(tmp_path / "plain")])[0]
+    smooth = probe.main(common + ["--smooth", "2", "--out", str(tmp_path / "smooth")])[0]
+    assert smooth["reward"] == "quality (smoothed x2)" and smooth["smooth"] == [2, 0.05, 0.05]
+    assert smooth["records"][0] == plain["records"][0]  # the clean clip's reward and scores at step 0
+    assert smooth["records"][-1]["latent_shift"] > 0 and smooth["records"][-1] != plain["records"][-1]
+
+    # the smoothed objective is the mean of the reward over noisy, flickering copies, not the clean reward
+    torch.manual_seed(0)
+    video = torch.rand(1, 8, 3, 32, 32)
+    reward = lambda v, prompts: {"quality": v.mean(dim=(1, 2, 3, 4))}  # noqa: E731
+    gen = torch.Generator().manual_seed(1)
+    value = probe.smoothed_reward(reward, video, ["x"], (3, 0.05, 0.05), gen)["quality"]
+    assert abs(float(value) - float(video.mean())) < 0.02 and float(value) != float(video.mean())
+
+
+def test_discriminators_are_trained_and_ascended_from_the_same_clips(probe, tmp_path):
+    """--discriminators: each kind is trained on real vs generated clips, then ascended from the model's clips."""
+    common = ["--quick", "--row", "consistency:2:1", "--work", str(tmp_path / "work"), "--threads", "1"]
+    plain = probe.main(common + ["--rewards", "quality", "--out", str(tmp_path / "plain")])[0]
+    runs = probe.main(common + ["--rewards", "--discriminators", "vlm", "latent", "pixel", "--out", str(tmp_path / "d")])
+    assert [r["reward"] for r in runs] == ["discriminator (vlm)", "discriminator (latent)", "discriminator (pixel)"]
+    for run in runs:
+        assert run["output"] == "realness" and 0.0 <= run["discriminator"]["held_out_accuracy"] <= 1.0
+        first, last = run["records"][0], run["records"][-1]
+        assert first["analyzer"] == plain["records"][0]["analyzer"]  # the same clips as every reward's step 0
+        assert last["reward"]["realness"] > first["reward"]["realness"] and last["latent_shift"] > 0
+    assert "Discriminators (real train-split clips" in (tmp_path / "d" / "reward_gradient_probe.md").read_text()
+
+
+def test_discriminator_data_is_real_train_clips_and_the_models_samples_on_their_captions(probe):
+    from pisces_fast.data.shapes import make_clips
+    from pisces_fast.world import job, load_world_generator
+    from pisces_fast.world.config import world_config_from_argv
+
+    cfg = world_config_from_argv([])
+    gen = load_world_generator(cfg.model.path)
+    row = {"sampler": "consistency", "steps": 1, "guidance": 1.0}
+    real, fake = probe.discriminator_data(gen, cfg, row, 3)
+    clips = make_clips(3, split="train", seed=cfg.seed + 1, config=job.world_config_of(cfg))
+    assert torch.equal(real, clips.videos.float())
+    with torch.no_grad():
+        expected = job.sample_row(gen, gen.denoiser, clips.captions, row, [cfg.seed + 1])
+    assert torch.equal(fake, expected)
+    held_out = set(job.held_out_prompts(world_config_from_argv(["--world.eval_prompts", "16"])))
+    assert not held_out & set(clips.captions)
+
+
 def test_bad_arguments_are_named(probe, tmp_path):
     with pytest.raises(SystemExit):
         probe.parse_args(["--run", str(tmp_path)])  # no lora_diffusers/ there
@@ -54,3 +105,7 @@ def test_bad_arguments_are_named(probe, tmp_path):
         probe.parse_args(["--row", "consistency:four:3"])
     with pytest.raises(SystemExit):
         probe.parse_args(["--lr", "0"])
+    for bad in (["--smooth", "-1"], ["--smooth_noise", "0"], ["--smooth_flicker", "1"], ["--rewards"],
+                ["--discriminators", "clip"], ["--discriminators", "pixel", "--disc_clips", "2"]):
+        with pytest.raises(SystemExit):
+            probe.parse_args(bad)
