@@ -12,6 +12,7 @@ them while the reward itself climbs. Nothing but the latents moves: no model wei
     python benchmarks/reward_gradient_probe.py --run outputs/world      # the main job's student (its LoRA, OT map)
     python benchmarks/reward_gradient_probe.py                          # the shipped teacher at its best row
     python benchmarks/reward_gradient_probe.py --quick                  # CI: 2 prompts, 1 seed, 4 ascent steps
+                                                                        # (discriminators: 8 clips, 3 steps)
     python benchmarks/reward_gradient_probe.py --run outputs/world --smooth 4   # ascend each reward's mean over 4
                                                                         # noisy, flickering copies of the clip
 
@@ -82,12 +83,13 @@ def parse_args(argv=None):
                         "pisces_fast.training.distortions); the records still report the clean clip's reward")
     p.add_argument("--smooth_noise", type=float, default=0.05, help="pixel-noise std of --smooth's copies")
     p.add_argument("--smooth_flicker", type=float, default=0.05, help="brightness-flicker amplitude of --smooth's copies")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory (JSON, Markdown, plot)")
     p.add_argument("--work", default=os.path.join("outputs", "reward_gradient_probe"),
                    help="where the teacher's OT map is fitted (once per world VLM, then reused)")
     p.add_argument("--quick", action="store_true",
-                   help="2 prompts, 1 seed, 4 steps at the last rate; the teacher's OT map from 256 clips, 30 steps (CI)")
+                   help="2 prompts, 1 seed, 4 steps at the last rate; the teacher's OT map from 256 clips, 30 steps; "
+                        "discriminators on 8 clips each for 3 steps (CI)")
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.seeds, args.steps, args.every, args.lr = 2, args.seeds[:1], 4, 2, args.lr[-1:]
@@ -115,11 +117,10 @@ def parse_args(argv=None):
 
 def load_model(args):
     """(generator, config, row, OT map directory, label) of the probed model."""
-    from pisces_fast.training.lora import load_diffusers_lora_into_denoiser
     from pisces_fast.world import load_world_generator
     from pisces_fast.world.assets import world_vlm_path
     from pisces_fast.world.config import parse_grid_row, world_config_from_argv
-    from pisces_fast.world.job import directory_digest, fit_world_ot_map
+    from pisces_fast.world.job import directory_digest, fit_world_ot_map, load_run
 
     if args.run is None:
         overrides = ["--world.eval_prompts", str(args.prompts)]
@@ -134,35 +135,34 @@ def load_model(args):
         name = f"ot_map_seed{cfg.seed}_{w.ot_map_clips}clips_{w.ot_map_steps}steps_vlm{vlm_digest}"
         ot_dir = fit_world_ot_map(cfg, os.path.join(args.work, name))
         return gen, cfg, row, ot_dir, "teacher (shipped generator)"
-    cfg = world_config_from_argv(["--config", os.path.join(args.run, "config.json"),
-                                  "--world.eval_prompts", str(args.prompts)])
-    gen = load_world_generator(cfg.model.path)
-    load_diffusers_lora_into_denoiser(gen.denoiser, gen.arch, os.path.join(args.run, "lora_diffusers"))
-    gen.denoiser.eval()
+    cfg, gen = load_run(args.run, ["--world.eval_prompts", str(args.prompts)])
     row = parse_grid_row(args.row, "--row") if args.row else dict(cfg.world.student_row)
     return gen, cfg, row, os.path.join(args.run, "ot_map"), f"student ({args.run})"
 
 
-class VLMTokenDiscriminator(torch.nn.Module):
-    """A per-token projection of the frozen world VLM's video tokens, then a linear read-out of all of them."""
+# The probed model's samples for the discriminators use seeds from here on: none is an evaluation seed, so no
+# generated training clip shares its initial latents or re-noising noise with a probed clip.
+DISC_SEED_BASE = 10_000
 
-    def __init__(self, backbone, num_tokens: int, width: int, hidden: int = 64):
+
+class VLMTokenHead(torch.nn.Module):
+    """On the frozen world VLM's video tokens (B, M, C): a per-token projection, then a linear read-out of all."""
+
+    def __init__(self, num_tokens: int, width: int, hidden: int = 64):
         super().__init__()
-        self.backbone = backbone
         self.token = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.LeakyReLU(0.2))
         self.out = torch.nn.Linear(hidden * num_tokens, 1)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.out(self.token(self.backbone.encode_video(video).tokens).flatten(1)).squeeze(-1)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.token(tokens).flatten(1)).squeeze(-1)
 
 
-class ConvDiscriminator(torch.nn.Module):
+class ConvHead(torch.nn.Module):
     """A 3D CNN on (B, C, T, H, W): stride 1 then 2 in space, then 2 in time and space twice, mean pool, linear."""
 
-    def __init__(self, channels: int, width: int = 32, features=None):
+    def __init__(self, channels: int, width: int = 32):
         super().__init__()
         act = torch.nn.LeakyReLU(0.2)
-        self.features = features  # video (B, T, 3, H, W) -> (B, C, T, H, W)
         self.net = torch.nn.Sequential(
             torch.nn.Conv3d(channels, width, 3, padding=1), act,
             torch.nn.Conv3d(width, 2 * width, 3, stride=(1, 2, 2), padding=1), act,
@@ -170,57 +170,59 @@ class ConvDiscriminator(torch.nn.Module):
             torch.nn.Conv3d(2 * width, 2 * width, 3, stride=2, padding=1), act)
         self.out = torch.nn.Linear(2 * width, 1)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.out(self.net(self.features(video)).mean(dim=(2, 3, 4))).squeeze(-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.net(x).mean(dim=(2, 3, 4))).squeeze(-1)
 
 
 def discriminator_data(gen, cfg, row: dict, n: int) -> tuple:
     """(real, generated) clips (n, T, 3, H, W): train-split clips of the world and the probed model's samples at
-    ``row`` on their captions (train prompts, so none of the probe's held-out prompts)."""
+    ``row`` on their captions (train prompts, so none of the probe's held-out prompts; seeds from DISC_SEED_BASE)."""
     from pisces_fast.data.shapes import make_clips
     from pisces_fast.world import job
 
     clips = make_clips(n, split="train", seed=cfg.seed + 1, config=job.world_config_of(cfg))
     chunk = 64
-    fake = [job.sample_row(gen, gen.denoiser, clips.captions[i:i + chunk], row, [cfg.seed + 1 + i])
+    fake = [job.sample_row(gen, gen.denoiser, clips.captions[i:i + chunk], row, [DISC_SEED_BASE + i])
             for i in range(0, n, chunk)]
     return clips.videos.float(), torch.cat(fake)
 
 
+def discriminator_features(kind: str, gen, vlm_dir):
+    """What a discriminator of ``kind`` reads from a video (B, T, 3, H, W); frozen, differentiable in the video."""
+    if kind == "vlm":
+        from pisces_fast.world import load_world_vlm
+
+        backbone = load_world_vlm(vlm_dir)  # frozen
+        return lambda video: backbone.encode_video(video).tokens
+    if kind == "latent":  # the codec itself: VideoGenerator.encode_video is no_grad, and the ascent needs the gradient
+        return lambda video: gen.codec.encode(video).float()
+    return lambda video: video.transpose(1, 2)
+
+
 def train_discriminator(kind: str, gen, vlm_dir, real: torch.Tensor, fake: torch.Tensor, steps: int) -> tuple:
-    """A discriminator of ``kind`` trained with the logistic GAN loss on the first 75% of the clips; returns it
-    (frozen) and its accuracy on the last 25%."""
+    """A discriminator of ``kind`` (a callable video -> logit, real > 0) trained with the logistic GAN loss on the
+    first 75% of the clips' features (computed once), frozen; and its accuracy on the last 25%."""
     import torch.nn.functional as F
 
-    from pisces_fast.world import load_world_vlm
-
+    features = discriminator_features(kind, gen, vlm_dir)
+    with torch.no_grad():
+        feat_real = torch.cat([features(v) for v in real.split(64)])
+        feat_fake = torch.cat([features(v) for v in fake.split(64)])
     torch.manual_seed(0)
-    if kind == "vlm":
-        backbone = load_world_vlm(vlm_dir)
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        with torch.no_grad():
-            tokens = backbone.encode_video(real[:1]).tokens
-        disc = VLMTokenDiscriminator(backbone, tokens.shape[1], tokens.shape[2])
-    elif kind == "latent":
-        # the codec itself: VideoGenerator.encode_video is no_grad, and the ascent needs the gradient
-        disc = ConvDiscriminator(gen.latent_shape(1)[1], features=lambda video: gen.codec.encode(video).float())
-    else:
-        disc = ConvDiscriminator(3, features=lambda video: video.transpose(1, 2))
-    params = [p for p in disc.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
+    head = VLMTokenHead(feat_real.shape[1], feat_real.shape[2]) if kind == "vlm" else ConvHead(feat_real.shape[1])
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
     n_train = max(2, int(0.75 * len(real)))
     for _ in range(steps):
         idx = torch.randint(0, n_train, (min(32, n_train),))
-        loss = F.softplus(-disc(real[idx])).mean() + F.softplus(disc(fake[idx])).mean()
+        loss = F.softplus(-head(feat_real[idx])).mean() + F.softplus(head(feat_fake[idx])).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for p in params:
-        p.requires_grad_(False)
+    head.requires_grad_(False)
     with torch.no_grad():
-        accuracy = 0.5 * (float((disc(real[n_train:]) > 0).float().mean()) + float((disc(fake[n_train:]) < 0).float().mean()))
-    return disc, accuracy
+        accuracy = 0.5 * (float((head(feat_real[n_train:]) > 0).float().mean())
+                          + float((head(feat_fake[n_train:]) < 0).float().mean()))
+    return (lambda video: head(features(video))), accuracy
 
 
 def smoothed_reward(reward, video: torch.Tensor, prompts: list, smooth: tuple, generator: torch.Generator) -> dict:
@@ -246,9 +248,13 @@ def ascend(gen, reward, output: str, latents: torch.Tensor, prompts: list, seeds
     noise = torch.Generator().manual_seed(0)
     for step in range(steps + 1):
         video = gen.decode_latents(z).float().clamp(0, 1)
-        with torch.set_grad_enabled(smooth is None):
+        recorded = step % every == 0 or step == steps
+        if smooth is None:
             values = reward(video, batch_prompts)
-        if step % every == 0 or step == steps:
+        elif recorded:  # the clean clip's reward, for the record only
+            with torch.no_grad():
+                values = reward(video, batch_prompts)
+        if recorded:
             scores = score_row(video.detach().cpu(), prompts, seeds)
             records.append({"step": step, "reward": {k: float(v.detach().mean()) for k, v in values.items()},
                             "analyzer": scores["mean"], "analyzer_std": scores["std"],
@@ -271,7 +277,10 @@ def write_outputs(out: str, meta: dict, runs: list) -> None:
     lines = [f"# Reward ascent on the {meta['model']}'s clips ({meta['row_label']}; {len(meta['prompts'])} held-out "
              f"prompts x {len(meta['seeds'])} seeds)", "", f"`{meta['command']}`", "",
              "Gradient ascent on each clip's final latents (through the VAE decoder) on one reward; analyzer scores of "
-             "the decoded clips (mean over seeds). Step 0 is the model's own sample."]
+             "the decoded clips (mean over seeds). Step 0 is the model's own sample."
+             + (f" Smoothed runs ascend the reward's mean over {meta['smooth'][0]} copies of each clip with per-frame "
+                f"brightness flicker of ±{meta['smooth'][2]:g} and pixel noise of std {meta['smooth'][1]:g}; their "
+                f"'reward value' is the clean clip's." if meta.get("smooth") else "")]
     discs = [r["discriminator"] for r in runs if r.get("discriminator")]
     if discs:
         seen = {d["kind"]: d for d in discs}
@@ -350,6 +359,7 @@ def main(argv=None):
                              "held_out_accuracy": accuracy})
     command = " ".join(["python benchmarks/reward_gradient_probe.py"] + (sys.argv[1:] if argv is None else list(argv)))
     meta = {"model": model, "row": row, "row_label": job.row_label(row), "prompts": prompts, "seeds": args.seeds,
+            "smooth": list(smooth) if smooth else None,
             "steps": args.steps, "every": args.every, "seconds": round(time.time() - t0, 1), "command": command}
     write_outputs(args.out, meta, runs)
     return runs

@@ -88,6 +88,29 @@ def _wait_for(path: str, timeout_s: float = 3600.0) -> None:
         time.sleep(1.0)
 
 
+def load_run(run_dir: str, overrides: Optional[list] = None) -> tuple:
+    """``(config, student)`` of a finished main job's output directory: its ``config.json`` (plus ``overrides``, e.g.
+    ``["--world.eval_prompts", "64"]``) and its generator with the student's LoRA (``lora_diffusers/``, the w
+    projection included), in eval mode, sampled on the consistency grid and boundary condition its CD trained."""
+    from pisces_fast.training.lora import load_diffusers_lora_into_denoiser
+
+    from .assets import load_world_generator
+    from .config import world_config_from_argv
+
+    config_path, lora_dir = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "lora_diffusers")
+    if not os.path.isfile(config_path) or not os.path.isdir(lora_dir):
+        raise FileNotFoundError(f"run_dir: expected a main job's output directory with config.json and "
+                                f"lora_diffusers/, got {run_dir!r}")
+    cfg = world_config_from_argv(["--config", config_path] + list(overrides or []))
+    gen = load_world_generator(cfg.model.path)
+    load_diffusers_lora_into_denoiser(gen.denoiser, gen.arch, lora_dir)
+    gen.denoiser.eval()
+    # what ConsistencyDistillation sets on the trainer's generator (the sampler reads it)
+    gen.consistency_original_steps, gen.consistency_timestep_scaling = cfg.cd.num_ddim_timesteps, cfg.cd.timestep_scaling
+    gen.consistency_sigma_data = cfg.cd.sigma_data
+    return cfg, gen
+
+
 def held_out_prompts(cfg: WorldTrainConfig) -> list:
     """The evaluation prompts: the first ``world.eval_prompts`` distinct held-out captions."""
     data = ShapesDataset(100_000, "heldout", seed=cfg.world.eval_seed, config=world_config_of(cfg))
