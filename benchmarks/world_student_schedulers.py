@@ -185,6 +185,7 @@ def main(argv=None) -> list:
     torch.set_num_threads(args.threads)
     from diffusers import LCMScheduler, TCDScheduler
 
+    from pisces_fast.training.sampling import consistency_scheduler_config
     from pisces_fast.world import job
     from pisces_fast.world.assets import world_generator_meta, world_generator_path
 
@@ -196,12 +197,10 @@ def main(argv=None) -> list:
     student = cfg.world.student_row
     folded = bool(gen.w_conditioned)  # a guidance-conditioned student takes w in its weights, else CFG in the pipeline
     t0 = time.time()
+    config = consistency_scheduler_config(gen)  # the grid and scaling the project's sampler uses
     results, parity = [], 0.0
     for w in args.guidance or [float(student["guidance"])]:
         pipe = stock_pipeline(args.run, w if folded else None, generator_dir)
-        config = dict(pipe.scheduler.config)  # the grid the project's sampler uses (lcm_timesteps)
-        config.update(original_inference_steps=gen.consistency_original_steps,
-                      timestep_scaling=gen.consistency_timestep_scaling)
         for label, kind, steps, options in rows_of(args, int(student["steps"])):
             if kind == "lcm":
                 scheduler = LCMScheduler.from_config(config)

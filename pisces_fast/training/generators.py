@@ -493,7 +493,7 @@ class VideoGenerator:
             self.alphas_cumprod = scheduler.alphas_cumprod.float()
         self.guidance_embeds = bool(getattr(denoiser.config, "guidance_embeds", False))
         # Consistency sampler grid and boundary condition (LCMScheduler's original_inference_steps / timestep_scaling);
-        # the CD mode sets them from cd.num_ddim_timesteps / cd.timestep_scaling so the sampler matches the training.
+        # the CD mode sets them from its cd config (`use_consistency_config`) so the sampler matches the training.
         self.consistency_original_steps, self.consistency_timestep_scaling, self.consistency_sigma_data = 50, 10.0, 0.5
         for module in (codec, text_encoder):
             module.requires_grad_(False)
@@ -570,6 +570,11 @@ class VideoGenerator:
             return False
         # With the adapters disabled (the teacher / GRPO reference) a student's w projection is off: CFG again.
         return not getattr(getattr(self.denoiser.time_embedding, "cond_proj", None), "_disable_adapters", False)
+
+    def use_consistency_config(self, cd) -> None:
+        """Sample with the consistency grid and boundary condition a CD run trained (`cd`: its ``CDConfig``)."""
+        self.consistency_original_steps, self.consistency_timestep_scaling = cd.num_ddim_timesteps, cd.timestep_scaling
+        self.consistency_sigma_data = cd.sigma_data
 
     def enable_guidance_conditioning(self, dim: int = 256) -> None:
         """Give the student a w input (C2). UNet3D: a zero-initialised `time_embedding.cond_proj` (time_cond_proj_dim

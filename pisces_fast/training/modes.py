@@ -77,8 +77,7 @@ class ConsistencyDistillation(_Mode):
         self.ema_decay = ema_decay
         self.backend = backend
         # The consistency sampler (validation, the API) uses the grid and boundary condition trained here.
-        self.gen.consistency_original_steps, self.gen.consistency_timestep_scaling = self.S, c.timestep_scaling
-        self.gen.consistency_sigma_data = c.sigma_data
+        self.gen.use_consistency_config(c)
 
     def _timesteps(self, batch: int):
         if self.gen.prediction == "epsilon":

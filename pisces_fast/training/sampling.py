@@ -40,12 +40,18 @@ def check_sampler(sampler: str, name: str = "sampler") -> str:
     return sampler
 
 
+def consistency_scheduler_config(gen) -> dict:
+    """The generator's scheduler config on its consistency grid: what LCMScheduler / TCDScheduler `from_config` need
+    to sample it as the consistency sampler does."""
+    return {**gen.scheduler.config, "original_inference_steps": gen.consistency_original_steps,
+            "timestep_scaling": gen.consistency_timestep_scaling}
+
+
 def lcm_timesteps(gen, num_steps: int) -> torch.Tensor:
     """Decreasing LCMScheduler timesteps for `num_steps` steps on the generator's consistency grid."""
     from diffusers import LCMScheduler
 
-    lcm = LCMScheduler.from_config(gen.scheduler.config, original_inference_steps=gen.consistency_original_steps,
-                                   timestep_scaling=gen.consistency_timestep_scaling)
+    lcm = LCMScheduler.from_config(consistency_scheduler_config(gen))
     if num_steps > gen.consistency_original_steps:
         raise ValueError(f"num_steps: the consistency sampler takes at most original_inference_steps="
                          f"{gen.consistency_original_steps} steps, got {num_steps}")

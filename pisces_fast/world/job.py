@@ -105,9 +105,7 @@ def load_run(run_dir: str, overrides: Optional[list] = None) -> tuple:
     gen = load_world_generator(cfg.model.path)
     load_diffusers_lora_into_denoiser(gen.denoiser, gen.arch, lora_dir)
     gen.denoiser.eval()
-    # what ConsistencyDistillation sets on the trainer's generator (the sampler reads it)
-    gen.consistency_original_steps, gen.consistency_timestep_scaling = cfg.cd.num_ddim_timesteps, cfg.cd.timestep_scaling
-    gen.consistency_sigma_data = cfg.cd.sigma_data
+    gen.use_consistency_config(cfg.cd)  # as ConsistencyDistillation does on the trainer's generator
     return cfg, gen
 
 
