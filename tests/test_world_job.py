@@ -62,7 +62,8 @@ def test_world_job_end_to_end_reduced(tiny_world, tmp_path, monkeypatch):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
     assert "| semantic |" in md and f"**before** = the teacher at its best sampler: {report['before_row']}" in md
-    assert "## The whole grid" in md and "(after)" in md
+    assert "## The whole grid" in md and "(after)" in md and "## Verdict" in md
+    assert sorted(report["verdict"]["above"] + report["verdict"]["not_above"]) == ["quality", "semantic", "total"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert {"loss_cd", "reward/quality", "reward/semantic"} <= set(rows[0])
@@ -145,3 +146,47 @@ def test_default_grids_compare_like_with_like(tmp_path):
     full = world_config_from_argv(["--model.path", str(tmp_path), "--world.teacher_grid",
                                    json.dumps(FULL_TEACHER_GRID)])
     assert ("ddim", 50, 3.0) in {row_key(r) for r in full.world.teacher_grid}
+
+
+def _grid_row(sampler, steps, guidance, total, quality, semantic):
+    return {"row": {"sampler": sampler, "steps": steps, "guidance": guidance},
+            "mean": {"total": total, "quality": quality, "semantic": semantic}}
+
+
+def test_verdict_reads_the_gap_from_both_grids():
+    from pisces_fast.world.job import verdict, verdict_lines
+
+    teacher = {"c4 g1": _grid_row("consistency", 4, 1, 0.50, 0.60, 0.20),
+               "c4 g3": _grid_row("consistency", 4, 3, 0.45, 0.50, 0.30),
+               "c8 g1": _grid_row("consistency", 8, 1, 0.60, 0.70, 0.25),
+               "d20 g1": _grid_row("ddim", 20, 1, 0.40, 0.45, 0.20)}
+    student = {"c4 g3": _grid_row("consistency", 4, 3, 0.55, 0.62, 0.40),
+               "c8 g3": _grid_row("consistency", 8, 3, 0.65, 0.68, 0.45)}
+    v = verdict(teacher, student, "c8 g1", "c4 g3")
+    assert v["above"] == ["semantic"] and v["not_above"] == ["total", "quality"]
+    assert v["same_sampler"]["row"] == "c4 g3"
+    assert v["same_sampler"]["change"] == pytest.approx({"total": 0.10, "quality": 0.12, "semantic": 0.10})
+    # the teacher's best 4-step row by total is CFG 1, not the same-guidance one
+    assert v["teacher_best_at_student_steps"]["row"] == "c4 g1"
+    assert v["teacher_best_at_student_steps"]["change"] == pytest.approx(
+        {"total": 0.05, "quality": 0.02, "semantic": 0.20})
+    # before's sampler and guidance at the student's steps: c4 g1 -> c8 g1
+    assert v["teacher_steps"]["row"] == "c4 g1 → c8 g1"
+    assert v["teacher_steps"]["change"] == pytest.approx({"total": 0.10, "quality": 0.10, "semantic": 0.05})
+    assert v["student_best_at_before_steps"]["row"] == "c8 g3"
+    assert v["student_best_at_before_steps"]["change"] == pytest.approx(
+        {"total": 0.05, "quality": -0.02, "semantic": 0.20})
+    text = "\n".join(verdict_lines(v))
+    assert "**above** the teacher's best row on semantic and **not above** it on total, quality" in text
+    assert "(c4 g3), student − teacher: total +0.100, quality +0.120, semantic +0.100" in text
+    assert "(c4 g1 → c8 g1): total +0.100, quality +0.100, semantic +0.050" in text
+
+    # a student above on all three: a one-line verdict, no gap analysis
+    student["c4 g3"] = _grid_row("consistency", 4, 3, 0.70, 0.80, 0.30)
+    v = verdict(teacher, student, "c8 g1", "c4 g3")
+    assert v["not_above"] == [] and verdict_lines(v) == [
+        "The student is **above** the teacher's best row on total, quality, semantic."]
+
+    # rows the grids lack are left out, never guessed
+    v = verdict({"d20 g1": teacher["d20 g1"]}, {"c4 g3": student["c4 g3"]}, "d20 g1", "c4 g3")
+    assert set(v) == {"above", "not_above"}

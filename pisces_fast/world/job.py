@@ -244,11 +244,74 @@ def _fmt(stats: dict, key: str) -> str:
     return f"{m:.3f} ± {s:.3f}" if s else f"{m:.3f}"
 
 
+def _deltas(a: dict, b: dict) -> dict:
+    """``a - b`` on the headline scores (both are grid rows)."""
+    return {k: a["mean"][k] - b["mean"][k] for k in HEADLINE}
+
+
+def _best_of(grid: dict, keep: Callable[[tuple], bool]) -> Optional[str]:
+    labels = [label for label in grid if keep(row_key(grid[label]["row"]))]
+    return best_row({label: grid[label] for label in labels}) if labels else None
+
+
+def verdict(teacher: dict, student: dict, before_label: str, after_label: str) -> dict:
+    """Where "after" stands against "before", and what the two grids of this run say about any gap. Each finding is
+    ``{"row": the rows compared, "change": headline differences}`` and is present only where the grids hold its rows:
+
+    * ``same_sampler``: student − teacher at the after row;
+    * ``teacher_best_at_student_steps``: student − the teacher's best row at the after row's number of steps;
+    * ``teacher_steps``: the teacher at the before row's sampler and guidance, from the after row's number of steps to
+      the before row's (what the extra steps give it);
+    * ``student_best_at_before_steps``: the student's best row at the before row's number of steps − before."""
+    before, after = teacher[before_label], student[after_label]
+    out = {"above": [k for k in HEADLINE if after["mean"][k] > before["mean"][k]],
+           "not_above": [k for k in HEADLINE if after["mean"][k] <= before["mean"][k]]}
+    b_sampler, b_steps, b_guidance = row_key(before["row"])
+    a_steps = row_key(after["row"])[1]
+    if after_label in teacher:
+        out["same_sampler"] = {"row": after_label, "change": _deltas(after, teacher[after_label])}
+    equal = _best_of(teacher, lambda key: key[1] == a_steps)
+    if equal is not None:
+        out["teacher_best_at_student_steps"] = {"row": equal, "change": _deltas(after, teacher[equal])}
+    fewer = _best_of(teacher, lambda key: key == (b_sampler, a_steps, b_guidance))
+    if fewer is not None and b_steps != a_steps:
+        out["teacher_steps"] = {"row": f"{fewer} → {before_label}", "change": _deltas(before, teacher[fewer])}
+    more = _best_of(student, lambda key: key[1] == b_steps)
+    if more is not None and b_steps != a_steps:
+        out["student_best_at_before_steps"] = {"row": more, "change": _deltas(student[more], before)}
+    return out
+
+
+VERDICT_TEXT = {  # finding -> how the report states it
+    "same_sampler": "Same sampler and guidance ({row}), student − teacher",
+    "teacher_best_at_student_steps": "Same number of steps, against the teacher's best row there ({row}), "
+                                     "student − teacher",
+    "teacher_steps": "The teacher from the student's number of steps to the before row's ({row})",
+    "student_best_at_before_steps": "The student at the before row's number of steps ({row}), student − before",
+}
+
+
+def verdict_lines(v: dict) -> list:
+    """The report's "Verdict" section, from :func:`verdict`."""
+    if not v["not_above"]:
+        return ["The student is **above** the teacher's best row on " + ", ".join(v["above"]) + "."]
+    head = "The student is " + (f"**above** the teacher's best row on {', '.join(v['above'])} and " if v["above"] else "")
+    lines = [head + f"**not above** it on {', '.join(v['not_above'])}. What this run's grids say about the gap:", ""]
+    for name, text in VERDICT_TEXT.items():
+        if name in v:
+            changes = ", ".join(f"{k} {d:+.3f}" for k, d in v[name]["change"].items())
+            lines.append("- " + text.format(row=v[name]["row"]) + f": {changes}.")
+    lines += ["", "The README's \"What blocks the 4-step win\" measures what else was tried (step counts, schedulers, "
+                  "CD length and weight, distribution matching, discriminators, the rewards' gradients)."]
+    return lines
+
+
 def write_report(out_dir: str, teacher: dict, student: dict, before_label: str, after_label: str, prompts: list,
                  meta: dict) -> dict:
     before, after = teacher[before_label]["mean"], student[after_label]["mean"]
+    findings = verdict(teacher, student, before_label, after_label)
     report = {"before": before, "after": after, "before_row": before_label, "after_row": after_label,
-              "teacher_grid": teacher, "student_grid": student, "prompts": prompts, **meta}
+              "verdict": findings, "teacher_grid": teacher, "student_grid": student, "prompts": prompts, **meta}
     atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
     dims = [d for d in DIMENSIONS if d in before and d in after]
     seeds = meta["eval_seeds"]
@@ -268,6 +331,7 @@ def write_report(out_dir: str, teacher: dict, student: dict, before_label: str, 
     for k in list(HEADLINE) + dims:
         lines.append(f"| {k} | {_fmt(teacher[before_label], k)} | {_fmt(student[after_label], k)} | "
                      f"{after[k] - before[k]:+.3f} |")
+    lines += ["", "## Verdict", ""] + verdict_lines(findings)
     lines += ["", "## The whole grid", "",
               "| sampler | teacher total | teacher quality | teacher semantic | student total | student quality | "
               "student semantic | Δ total | Δ quality | Δ semantic |",
