@@ -55,6 +55,7 @@ SHOWN = ("total", "quality", "semantic", "background_consistency", "temporal_fli
 
 def parse_args(argv=None):
     from pisces_fast.world.config import parse_grid_row
+    from pisces_fast.world.job import run_dir_problem
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default=None,
@@ -98,8 +99,8 @@ def parse_args(argv=None):
         p.error("--rewards / --discriminators: nothing to ascend")
     if args.disc_clips < 4 or args.disc_steps < 1:
         p.error(f"--disc_clips: expected >= 4; --disc_steps: >= 1; got {args.disc_clips}, {args.disc_steps}")
-    if args.run is not None and not os.path.isdir(os.path.join(args.run, "lora_diffusers")):
-        p.error(f"--run: expected a main job's output directory with lora_diffusers/ in it, got {args.run!r}")
+    if args.run is not None and run_dir_problem(args.run):
+        p.error(f"--run: {run_dir_problem(args.run)}")
     if args.steps < 1 or args.every < 1 or args.prompts < 1:
         p.error("--steps, --every and --prompts must be >= 1")
     if args.smooth < 0 or not args.smooth_noise > 0 or not 0 < args.smooth_flicker < 1:

@@ -80,9 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results", "world_student_schedulers"),
                    help="output directory of the JSON and the Markdown table")
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.run, "config.json")) or \
-            not os.path.isdir(os.path.join(args.run, "lora_diffusers")):
-        p.error(f"--run: expected a main job's output directory with config.json and lora_diffusers/, got {args.run}")
+    from pisces_fast.world.job import run_dir_problem
+
+    if run_dir_problem(args.run):
+        p.error(f"--run: {run_dir_problem(args.run)}")
     if any(not 0.0 <= g <= 1.0 for g in args.tcd_gamma):
         p.error(f"--tcd_gamma: expected values in [0, 1], got {args.tcd_gamma}")
     if any(n < 1 for n in args.reference_steps) or args.prompts < 1 or args.offset < 0:

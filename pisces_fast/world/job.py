@@ -88,6 +88,13 @@ def _wait_for(path: str, timeout_s: float = 3600.0) -> None:
         time.sleep(1.0)
 
 
+def run_dir_problem(run_dir: str) -> Optional[str]:
+    """What keeps ``run_dir`` from being a finished main job's output directory (:func:`load_run`), or None."""
+    if os.path.isfile(os.path.join(run_dir, "config.json")) and os.path.isdir(os.path.join(run_dir, "lora_diffusers")):
+        return None
+    return f"expected a main job's output directory with config.json and lora_diffusers/, got {run_dir!r}"
+
+
 def load_run(run_dir: str, overrides: Optional[list] = None) -> tuple:
     """``(config, student)`` of a finished main job's output directory: its ``config.json`` (plus ``overrides``, e.g.
     ``["--world.eval_prompts", "64"]``) and its generator with the student's LoRA (``lora_diffusers/``, the w
@@ -97,13 +104,12 @@ def load_run(run_dir: str, overrides: Optional[list] = None) -> tuple:
     from .assets import load_world_generator
     from .config import world_config_from_argv
 
-    config_path, lora_dir = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "lora_diffusers")
-    if not os.path.isfile(config_path) or not os.path.isdir(lora_dir):
-        raise FileNotFoundError(f"run_dir: expected a main job's output directory with config.json and "
-                                f"lora_diffusers/, got {run_dir!r}")
-    cfg = world_config_from_argv(["--config", config_path] + list(overrides or []))
+    problem = run_dir_problem(run_dir)
+    if problem:
+        raise FileNotFoundError(f"run_dir: {problem}")
+    cfg = world_config_from_argv(["--config", os.path.join(run_dir, "config.json")] + list(overrides or []))
     gen = load_world_generator(cfg.model.path)
-    load_diffusers_lora_into_denoiser(gen.denoiser, gen.arch, lora_dir)
+    load_diffusers_lora_into_denoiser(gen.denoiser, gen.arch, os.path.join(run_dir, "lora_diffusers"))
     gen.denoiser.eval()
     gen.use_consistency_config(cfg.cd)  # as ConsistencyDistillation does on the trainer's generator
     return cfg, gen
